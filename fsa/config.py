@@ -1,0 +1,136 @@
+"""Typed settings shared by every layer of the package.
+
+Nothing here computes; the values are the defaults of method.md (§1-§4).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+#: Last-block variants, in the order the UI lists them.
+METHODS: tuple[str, ...] = ("maskclip", "sclip", "clearclip", "naclip", "proxyclip", "gclip", "vanilla")
+
+METHOD_LABELS: dict[str, str] = {
+    "vanilla": "Vanilla CLIP",
+    "maskclip": "MaskCLIP",
+    "sclip": "SCLIP",
+    "clearclip": "ClearCLIP",
+    "naclip": "NACLIP",
+    "proxyclip": "ProxyCLIP",
+    "gclip": "GCLIP (reconstruction)",
+}
+
+BACKBONES: tuple[str, ...] = ("ViT-B-16", "ViT-L-14", "ViT-H-14")
+TINY_TEST = "tiny-test"
+PROXIES: tuple[str, ...] = ("dino-b8", "dinov2-b14-reg")
+
+
+@dataclass(frozen=True)
+class MethodDefaults:
+    """Per-method inference defaults (method.md §1)."""
+
+    crop: int  #: sliding-window crop in pixels of the resized image; 0 = whole image
+    stride: int
+    logit_scale: float
+    residual: bool  #: last block keeps its residual connection
+    ffn: bool  #: last block keeps its FFN
+
+
+METHOD_DEFAULTS: dict[str, MethodDefaults] = {
+    "vanilla": MethodDefaults(448, 224, 40.0, residual=True, ffn=True),
+    "maskclip": MethodDefaults(448, 224, 40.0, residual=True, ffn=True),
+    "sclip": MethodDefaults(224, 112, 40.0, residual=True, ffn=True),
+    "clearclip": MethodDefaults(448, 224, 50.0, residual=False, ffn=False),
+    "naclip": MethodDefaults(224, 112, 40.0, residual=False, ffn=False),
+    "proxyclip": MethodDefaults(336, 112, 40.0, residual=False, ffn=False),
+    "gclip": MethodDefaults(448, 224, 40.0, residual=False, ffn=False),
+}
+
+
+def check_method(method: str) -> str:
+    """Return ``method`` lower-cased, or raise ``ValueError`` naming the valid ones."""
+    name = str(method).lower()
+    if name not in METHOD_DEFAULTS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return name
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    """FSA settings (method.md §3). Each component is a switch."""
+
+    lam: float = 3.0  #: λ of the scaling step ℓ = Ŝ·exp(λŜ)
+    p: float = 0.45  #: top-p of the confidence-based pruning
+    isolation: bool = True  #: subtract the uniform-attention logits U before the softmax
+    pruning: bool = True  #: top-p pruning of each similarity row
+    ensemble: bool = True  #: A_ens = (A_new A₀ + A₀ A_new + A_new) / 3 instead of A_new
+    feedback_scale: float = 20.0  #: scale of the feedback logits Z
+    isolation_scale: float = 35.0  #: scale of the uniform-attention logits U
+    eps: float = 1e-10  #: ε in G = log(Π + ε)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.p <= 1.0:
+            raise ValueError(f"FeedbackConfig.p must be in (0, 1], got {self.p}")
+        if self.eps <= 0:
+            raise ValueError("FeedbackConfig.eps must be positive")
+
+
+def default_lambda(backbone: str) -> float:
+    """λ the paper uses for a backbone (method.md §3 step 5)."""
+    return 2.3 if "H-14" in backbone else 3.0
+
+
+@dataclass(frozen=True)
+class GClipConfig:
+    """GCLIP switches (method.md §4, a reconstruction). Blocks are 1-based; None = scaled from 12."""
+
+    channel_suppression: bool = True
+    attention_fusion: bool = True
+    suppression_blocks: Optional[tuple[int, ...]] = None  #: default: blocks 8..12 of 12
+    fusion_blocks: Optional[tuple[int, ...]] = None  #: default: blocks 7 and 8 of 12
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """Everything that decides one segmentation, besides the image and the vocabulary."""
+
+    method: str = "clearclip"
+    #: FSA on top of the method; None = the baseline alone.
+    feedback: Optional[FeedbackConfig] = field(default_factory=FeedbackConfig)
+    short_side: int = 448  #: resize so the short side is this many pixels
+    crop: Optional[int] = None  #: None = the method's default; 0 = one pass over the whole image
+    stride: Optional[int] = None  #: None = the method's default
+    logit_scale: Optional[float] = None  #: None = the method's default
+    prob_threshold: float = 0.0  #: pixels whose best probability is below become background
+    window_batch: int = 4  #: windows per forward pass
+    gclip: GClipConfig = field(default_factory=GClipConfig)
+    naclip_sigma: float = 5.0  #: σ of NACLIP's Gaussian, in patches
+    proxy_beta: float = 1.2
+    proxy_gamma: float = 3.0
+    keep_diagnostics: bool = True  #: keep per-window data for `SegmentationResult.explain`
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", check_method(self.method))
+        if self.short_side < 1:
+            raise ValueError("short_side must be a positive number of pixels")
+        if self.crop is not None and self.crop < 0:
+            raise ValueError("crop must be >= 0 (0 = whole image)")
+        if self.stride is not None and self.stride < 1:
+            raise ValueError("stride must be >= 1")
+        if not 0.0 <= self.prob_threshold < 1.0:
+            raise ValueError("prob_threshold must be in [0, 1)")
+        if self.window_batch < 1:
+            raise ValueError("window_batch must be >= 1")
+
+    @property
+    def defaults(self) -> MethodDefaults:
+        return METHOD_DEFAULTS[self.method]
+
+    def resolved_crop(self) -> int:
+        return self.defaults.crop if self.crop is None else self.crop
+
+    def resolved_stride(self) -> int:
+        return self.defaults.stride if self.stride is None else self.stride
+
+    def resolved_logit_scale(self) -> float:
+        return self.defaults.logit_scale if self.logit_scale is None else self.logit_scale
