@@ -91,6 +91,16 @@ class GClipConfig:
 
 
 @dataclass(frozen=True)
+class MethodOptions:
+    """Method parameters beyond the attention rule itself (method.md §2, §4)."""
+
+    naclip_sigma: float = 5.0  #: σ of NACLIP's Gaussian, in patches
+    proxy_beta: float = 1.2  #: β of ProxyCLIP's S' = γ(Ŝ − β·mean Ŝ)
+    proxy_gamma: float = 3.0  #: γ of the same
+    gclip: GClipConfig = field(default_factory=GClipConfig)
+
+
+@dataclass(frozen=True)
 class SegmentSettings:
     """Everything that decides one segmentation, besides the image and the vocabulary."""
 
@@ -103,10 +113,7 @@ class SegmentSettings:
     logit_scale: Optional[float] = None  #: None = the method's default
     prob_threshold: float = 0.0  #: pixels whose best probability is below become background
     window_batch: int = 4  #: windows per forward pass
-    gclip: GClipConfig = field(default_factory=GClipConfig)
-    naclip_sigma: float = 5.0  #: σ of NACLIP's Gaussian, in patches
-    proxy_beta: float = 1.2
-    proxy_gamma: float = 3.0
+    options: "MethodOptions" = field(default_factory=lambda: MethodOptions())
     keep_diagnostics: bool = True  #: keep per-window data for `SegmentationResult.explain`
 
     def __post_init__(self) -> None:
