@@ -89,6 +89,31 @@ class GClipConfig:
     suppression_blocks: Optional[tuple[int, ...]] = None  #: default: blocks 8..12 of 12
     fusion_blocks: Optional[tuple[int, ...]] = None  #: default: blocks 7 and 8 of 12
 
+    def resolved_suppression_blocks(self, depth: int) -> tuple[int, ...]:
+        """1-based blocks whose largest c_proj row is suppressed: b ≥ ⌈2·depth/3⌉ (8..12 of 12)."""
+        if self.suppression_blocks is not None:
+            blocks = tuple(self.suppression_blocks)
+        else:
+            blocks = tuple(range(-(-2 * depth // 3), depth + 1))
+        _check_blocks(blocks, depth, "suppression_blocks", allow_last=True)
+        return blocks
+
+    def resolved_fusion_blocks(self, depth: int) -> tuple[int, ...]:
+        """1-based blocks whose attention is fused: round(7·depth/12), round(8·depth/12) (7, 8 of 12)."""
+        if self.fusion_blocks is not None:
+            blocks = tuple(self.fusion_blocks)
+        else:
+            blocks = tuple(sorted({int(7 * depth / 12 + 0.5), int(8 * depth / 12 + 0.5)}))
+        _check_blocks(blocks, depth, "fusion_blocks", allow_last=False)
+        return blocks
+
+
+def _check_blocks(blocks: tuple[int, ...], depth: int, what: str, *, allow_last: bool) -> None:
+    top = depth if allow_last else depth - 1
+    bad = [b for b in blocks if not 1 <= b <= top]
+    if bad:
+        raise ValueError(f"GCLIP {what} {bad} outside 1..{top} for a {depth}-block vision tower")
+
 
 @dataclass(frozen=True)
 class MethodOptions:
