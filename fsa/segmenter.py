@@ -1,0 +1,248 @@
+"""High-level segmentation: image + vocabulary string → label map, probabilities, diagnostics."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backbones import LoadedClip, ModelCache, resolve_backbone_name
+from .config import TINY_TEST, SegmentSettings
+from .diagnostics import DiagnosticsStore, PatchExplanation
+from .images import limit_size, to_rgb_uint8, working_size
+from .logits import FeedbackDetails, compute_patch_logits
+from .sliding import LogitCanvas, Window, resized_row_bands, window_layout
+from .text import TextFeatureCache
+from .vocabulary import Vocabulary, parse_vocabulary
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class SegmentationResult:
+    """One segmentation. Pixel arrays refer to `image` (the input, downscaled only if huge)."""
+
+    labels: np.ndarray  #: (H, W) int64 index into class_names
+    probabilities: np.ndarray  #: (C, H, W) float32, per class (maximum over its synonyms)
+    class_names: list[str]
+    image: np.ndarray  #: (H, W, 3) uint8
+    method: str
+    fsa_enabled: bool
+    backbone: str
+    is_test_model: bool
+    grid: tuple[int, int]  #: attention grid of one window (the proxy grid for proxyclip)
+    clip_grid: tuple[int, int]  #: CLIP patch grid of one window
+    working_size: tuple[int, int]  #: (H', W') the network saw
+    windows: list[Window]  #: in pixels of `image`
+    timings: dict[str, float] = field(default_factory=dict)  #: seconds
+    notes: list[str] = field(default_factory=list)
+    diagnostics: Optional[DiagnosticsStore] = field(default=None, repr=False)
+
+    def explain(self, x: float, y: float) -> PatchExplanation:
+        """Attention rows of the patch under (x, y), in pixels of `image` (method.md §5)."""
+        if self.diagnostics is None:
+            raise ValueError("no diagnostics in this result: run with FSA on and keep_diagnostics=True")
+        h, w = self.labels.shape
+        if not (0 <= x < w and 0 <= y < h):
+            raise ValueError(f"point ({x:.0f}, {y:.0f}) is outside the {w}×{h} image")
+        return self.diagnostics.explain(x, y)
+
+    def class_shares(self) -> dict[str, float]:
+        """Fraction of pixels per class name."""
+        counts = np.bincount(self.labels.ravel(), minlength=len(self.class_names))
+        return {name: float(c) / self.labels.size for name, c in zip(self.class_names, counts)}
+
+
+@dataclass
+class ComparisonResult:
+    """Baseline and baseline + FSA from the same forward pass."""
+
+    baseline: SegmentationResult
+    fsa: SegmentationResult
+
+
+class Segmenter:
+    """CLIP + a training-free baseline (+ FSA), with its models and text features cached.
+
+    >>> seg = Segmenter()                       # ViT-B/16, or $FSA_MODEL
+    >>> res = seg.segment("cat.jpg", "cat; kitten, sofa, background")
+    >>> res.labels, res.class_names, res.explain(120, 80)
+    """
+
+    def __init__(self, backbone: Optional[str] = None, *, checkpoint: Optional[str] = None, device=None,
+                 proxy: str = "dino-b8", cache: Optional[ModelCache] = None,
+                 text_cache: Optional[TextFeatureCache] = None):
+        self.backbone_name = resolve_backbone_name(backbone)
+        self.checkpoint = checkpoint
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        self.proxy_name = TINY_TEST if self.backbone_name == TINY_TEST else proxy
+        self.cache = cache if cache is not None else ModelCache()
+        self.text_cache = text_cache if text_cache is not None else TextFeatureCache()
+
+        self._given: Optional[LoadedClip] = None
+
+    @classmethod
+    def from_model(cls, model, *, name: str = "custom", device=None, tokenizer=None,
+                   proxy: str = TINY_TEST) -> "Segmenter":
+        """A segmenter over an open_clip CLIP already in memory (e.g. random weights for benchmarks).
+
+        Pixels are normalised with OpenAI CLIP's mean and std; `tokenizer` defaults to open_clip's.
+        """
+        import open_clip
+
+        param = next(model.parameters())
+        seg = cls(TINY_TEST, device=device or param.device, proxy=proxy)
+        seg.backbone_name = name
+        seg.proxy_name = proxy
+        seg._given = LoadedClip(
+            model=model.eval().requires_grad_(False), tokenizer=tokenizer or open_clip.get_tokenizer("ViT-B-16"),
+            name=name, is_test_model=True, device=param.device, dtype=param.dtype,
+            mean=tuple(open_clip.OPENAI_DATASET_MEAN), std=tuple(open_clip.OPENAI_DATASET_STD),
+            patch_size=int(model.visual.conv1.kernel_size[0]), key=f"given|{name}|{id(model)}|{param.dtype}",
+        )
+        return seg
+
+    @property
+    def is_test_model(self) -> bool:
+        return self._given.is_test_model if self._given is not None else self.backbone_name == TINY_TEST
+
+    def load(self, progress: Optional[Progress] = None) -> LoadedClip:
+        """Load (or fetch from the cache) the CLIP model; raises WeightsUnavailableError offline."""
+        if self._given is not None:
+            return self._given
+        return self.cache.get_clip(self.backbone_name, checkpoint=self.checkpoint, device=self.device,
+                                   progress=progress)
+
+    def segment(self, image, vocabulary: str, settings: SegmentSettings = SegmentSettings(),
+                progress: Optional[Progress] = None) -> SegmentationResult:
+        """Segment `image` (path, PIL image or array) into the classes of `vocabulary`."""
+        results = self._run(image, vocabulary, settings, progress, want_baseline=settings.feedback is None)
+        return results[0]
+
+    def compare(self, image, vocabulary: str, settings: SegmentSettings = SegmentSettings(),
+                progress: Optional[Progress] = None) -> ComparisonResult:
+        """Baseline and baseline + FSA in one forward pass (settings.feedback must be set)."""
+        if settings.feedback is None:
+            raise ValueError("compare needs FSA settings (settings.feedback is None)")
+        baseline, fsa = self._run(image, vocabulary, settings, progress, want_baseline=True)
+        return ComparisonResult(baseline, fsa)
+
+    # -- the pipeline -------------------------------------------------------------------------
+    def _run(self, image, vocabulary: str, settings: SegmentSettings, progress: Optional[Progress],
+             want_baseline: bool) -> list[SegmentationResult]:
+        report = progress or (lambda fraction, message: None)
+        t_start = time.perf_counter()
+        rgb = to_rgb_uint8(image)
+        rgb, notes = limit_size(rgb)
+        vocab = parse_vocabulary(vocabulary)
+
+        report(0.0, f"loading {self.backbone_name}")
+        t0 = time.perf_counter()
+        clip = self.load(progress)
+        proxy = None
+        if settings.method == "proxyclip":
+            proxy = self.cache.get_proxy(self.proxy_name, device=self.device, progress=progress)
+        timings = {"load": time.perf_counter() - t0}
+
+        report(0.1, f"encoding {len(vocab.queries)} text queries")
+        t0 = time.perf_counter()
+        text = self.text_cache.encode(clip, vocab.queries)
+        timings["text"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        height, width = rgb.shape[:2]
+        wh, ww = working_size(height, width, settings.short_side, min_side=clip.patch_size)
+        img01 = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None].float() / 255.0
+        img01 = F.interpolate(img01, size=(wh, ww), mode="bilinear", align_corners=False,
+                              antialias=(wh < height or ww < width)).clamp_(0.0, 1.0)
+        mean = torch.tensor(clip.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(clip.std, device=self.device).view(1, 3, 1, 1)
+        pixels = ((img01 - mean) / std).to(clip.dtype)
+        windows = window_layout(wh, ww, settings.resolved_crop(), settings.resolved_stride())
+
+        q = len(vocab.queries)
+        canvases = {"baseline": LogitCanvas(q, wh, ww, device=self.device)}
+        if settings.feedback is not None:
+            canvases["fsa"] = LogitCanvas(q, wh, ww, device=self.device)
+        keep = settings.keep_diagnostics and settings.feedback is not None
+        details: list[FeedbackDetails] = []
+        grid = clip_grid = (0, 0)
+        batch = settings.window_batch
+        for start in range(0, len(windows), batch):
+            chunk = windows[start:start + batch]
+            report(0.2 + 0.7 * start / len(windows), f"windows {start + 1}-{start + len(chunk)} of {len(windows)}")
+            crops = torch.cat([pixels[:, :, w.y0:w.y1, w.x0:w.x1] for w in chunk])
+            proxy_feats = None
+            if proxy is not None:
+                proxy_feats = proxy.features(torch.cat([img01[:, :, w.y0:w.y1, w.x0:w.x1] for w in chunk]))
+            out = compute_patch_logits(clip.model, crops, text, settings.method, feedback=settings.feedback,
+                                       proxy_features=proxy_feats, options=settings.options, keep_details=keep)
+            grid = out.grid
+            clip_grid = (crops.shape[-2] // clip.patch_size, crops.shape[-1] // clip.patch_size)
+            for i, win in enumerate(chunk):
+                canvases["baseline"].add(win, out.baseline[i])
+                if out.fsa is not None:
+                    canvases["fsa"].add(win, out.fsa[i])
+                if out.details is not None:
+                    details.append(out.details.select(i))
+        timings["windows"] = time.perf_counter() - t0
+
+        report(0.92, "probabilities at the original size")
+        t0 = time.perf_counter()
+        names = list(vocab.class_names)
+        threshold = settings.prob_threshold
+        background = vocab.background_index
+        if threshold > 0 and background is None:
+            names.append("background")  # an implicit label with no text query; its channel is 0
+            background = len(names) - 1
+        scale = settings.resolved_logit_scale()
+        decided = {key: _decide(canvas.mean(), height, width, scale, vocab, len(names), background, threshold)
+                   for key, canvas in canvases.items()}
+        timings["postprocess"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+        report(1.0, "done")
+
+        sy, sx = wh / height, ww / width
+        common = dict(class_names=names, image=rgb, method=settings.method, backbone=self.backbone_name,
+                      is_test_model=self.is_test_model, grid=grid, clip_grid=clip_grid, working_size=(wh, ww),
+                      windows=[w.scaled(1.0 / sy, 1.0 / sx) for w in windows], timings=timings, notes=notes)
+        results = []
+        if want_baseline:
+            labels, probs = decided["baseline"]
+            results.append(SegmentationResult(labels=labels, probabilities=probs, fsa_enabled=False,
+                                              **{**common, "timings": dict(timings), "notes": list(notes)}))
+        if settings.feedback is not None:
+            labels, probs = decided["fsa"]
+            store = (DiagnosticsStore(windows, details, (sy, sx), vocab.query_to_class, vocab.class_names)
+                     if keep else None)
+            results.append(SegmentationResult(labels=labels, probabilities=probs, fsa_enabled=True,
+                                              diagnostics=store, **common))
+        return results
+
+
+def _decide(cos: torch.Tensor, height: int, width: int, logit_scale: float, vocab: Vocabulary, num_classes: int,
+            background: Optional[int], threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mean window cosines (Q, H', W') → labels (H, W) and class probabilities (C, H, W).
+
+    P = softmax_Q(τ·cos) at the original size, maximum over synonyms, argmax, and pixels whose
+    best probability is below the threshold go to the background. Done in bands of rows so that
+    no (Q, H, W) tensor of a large image is ever held.
+    """
+    query_to_class = torch.as_tensor(vocab.query_to_class, device=cos.device)
+    n_vocab = len(vocab.classes)
+    probs = np.zeros((num_classes, height, width), dtype=np.float32)
+    labels = np.empty((height, width), dtype=np.int64)
+    for y0, y1, band in resized_row_bands(cos.float(), height, width):
+        p = (logit_scale * band).softmax(dim=0)  # (Q, rows, W)
+        per_class = p.new_zeros((n_vocab,) + p.shape[1:])
+        per_class.scatter_reduce_(0, query_to_class.view(-1, 1, 1).expand_as(p), p, reduce="amax")
+        best, idx = per_class.max(dim=0)
+        if threshold > 0 and background is not None:
+            idx = torch.where(best < threshold, torch.full_like(idx, background), idx)
+        probs[:n_vocab, y0:y1] = per_class.cpu().numpy()
+        labels[y0:y1] = idx.cpu().numpy()
+    return labels, probs

@@ -1,0 +1,110 @@
+"""Sliding-window inference geometry and accumulation (method.md §1 "Sliding window")."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Window:
+    """A crop [y0, y1) × [x0, x1) in pixels of the image it was laid out on."""
+
+    y0: int
+    x0: int
+    y1: int
+    x1: int
+
+    @property
+    def height(self) -> int:
+        return self.y1 - self.y0
+
+    @property
+    def width(self) -> int:
+        return self.x1 - self.x0
+
+    @property
+    def center(self) -> tuple[float, float]:
+        """(x, y) of the centre."""
+        return (self.x0 + self.x1) / 2.0, (self.y0 + self.y1) / 2.0
+
+    def contains(self, x: float, y: float) -> bool:
+        return self.x0 <= x < self.x1 and self.y0 <= y < self.y1
+
+    def scaled(self, sy: float, sx: float) -> "Window":
+        """The same window in an image scaled by (sy, sx)."""
+        return Window(round(self.y0 * sy), round(self.x0 * sx), round(self.y1 * sy), round(self.x1 * sx))
+
+
+def _starts(size: int, crop: int, stride: int) -> list[int]:
+    """Window starts along one axis; the last window is shifted back to end at the border."""
+    if crop <= 0 or crop >= size:
+        return [0]
+    count = (size - crop + stride - 1) // stride + 1
+    return sorted({min(i * stride, size - crop) for i in range(count)})
+
+
+def window_layout(height: int, width: int, crop: int, stride: int) -> list[Window]:
+    """Windows of side min(crop, image side) covering an image; crop 0 = one window over all.
+
+    All windows have the same size, so they can be batched.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"cannot lay windows on a {height}×{width} image")
+    ch = height if crop <= 0 else min(crop, height)
+    cw = width if crop <= 0 else min(crop, width)
+    return [Window(y, x, y + ch, x + cw) for y in _starts(height, ch, stride) for x in _starts(width, cw, stride)]
+
+
+def nearest_window(windows: list[Window], x: float, y: float) -> int:
+    """Index of the window containing (x, y) whose centre is nearest; ValueError if none does."""
+    inside = [i for i, w in enumerate(windows) if w.contains(x, y)]
+    if not inside:
+        raise ValueError(f"point ({x:.1f}, {y:.1f}) is outside the image")
+    return min(inside, key=lambda i: (windows[i].center[0] - x) ** 2 + (windows[i].center[1] - y) ** 2)
+
+
+class LogitCanvas:
+    """Sum of per-window maps upsampled to their window, and the count of windows per pixel."""
+
+    def __init__(self, channels: int, height: int, width: int, dtype=torch.float32, device=None):
+        self.sum = torch.zeros(channels, height, width, dtype=dtype, device=device)
+        self.count = torch.zeros(1, height, width, dtype=dtype, device=device)
+
+    def add(self, window: Window, grid_map: Tensor) -> None:
+        """grid_map: (K, h, w) on the window's patch grid, bilinearly upsampled to the window."""
+        up = F.interpolate(grid_map[None].to(self.sum.dtype), size=(window.height, window.width), mode="bilinear",
+                           align_corners=False)[0]
+        self.sum[:, window.y0:window.y1, window.x0:window.x1] += up
+        self.count[:, window.y0:window.y1, window.x0:window.x1] += 1
+
+    def mean(self) -> Tensor:
+        """(K, H, W): every pixel is covered by the layout, so count ≥ 1."""
+        return self.sum / self.count
+
+
+def linear_resize_matrix(src: int, dst: int, dtype=torch.float32, device=None) -> Tensor:
+    """(dst, src) matrix of 1-D linear interpolation with align_corners=False.
+
+    Bilinear resizing is separable: F.interpolate(x, (H, W)) == Ry @ x @ Rxᵀ, which lets the
+    resize to the original size run on a band of output rows at a time.
+    """
+    eye = torch.eye(src, dtype=dtype, device=device)[None]  # (1, src, src): row i = basis vector i
+    return F.interpolate(eye, size=dst, mode="linear", align_corners=False)[0].T.contiguous()
+
+
+def resized_row_bands(maps: Tensor, height: int, width: int, *, max_elements: int = 1 << 25):
+    """Yield (y0, y1, band) with band = bilinear resize of maps (K, h, w) to (K, height, width)[:, y0:y1].
+
+    Holds at most about `max_elements` output values at once, whatever the image size.
+    """
+    k, h, w = maps.shape
+    ry = linear_resize_matrix(h, height, maps.dtype, maps.device)
+    rx = linear_resize_matrix(w, width, maps.dtype, maps.device)
+    rows = max(1, max_elements // max(1, k * width))
+    for y0 in range(0, height, rows):
+        y1 = min(height, y0 + rows)
+        band = torch.einsum("yh,khw->kyw", ry[y0:y1], maps)
+        yield y0, y1, band @ rx.T

@@ -1,0 +1,59 @@
+"""Sliding-window geometry, canvas accumulation and the banded resize."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fsa.sliding import LogitCanvas, Window, nearest_window, resized_row_bands, window_layout
+
+
+@pytest.mark.parametrize("h,w,crop,stride", [(448, 600, 448, 224), (600, 448, 224, 112), (1000, 333, 336, 112),
+                                             (224, 224, 224, 112), (100, 50, 224, 112), (500, 700, 0, 1)])
+def test_windows_cover_the_image_with_equal_sizes(h, w, crop, stride):
+    wins = window_layout(h, w, crop, stride)
+    cover = torch.zeros(h, w)
+    for win in wins:
+        assert 0 <= win.y0 < win.y1 <= h and 0 <= win.x0 < win.x1 <= w
+        cover[win.y0:win.y1, win.x0:win.x1] += 1
+    assert cover.min() >= 1
+    sizes = {(win.height, win.width) for win in wins}
+    assert len(sizes) == 1  # batchable
+    expect = (h if crop == 0 else min(crop, h), w if crop == 0 else min(crop, w))
+    assert sizes == {expect}
+
+
+def test_layout_matches_the_mmseg_rule():
+    # grids = ceil((size - crop) / stride) + 1, the last window shifted back to the border
+    wins = window_layout(448, 600, 224, 112)
+    xs = sorted({w.x0 for w in wins})
+    ys = sorted({w.y0 for w in wins})
+    assert ys == [0, 112, 224]
+    assert xs == [0, 112, 224, 336, 376]
+
+
+def test_nearest_window_prefers_the_closest_centre():
+    wins = window_layout(448, 600, 448, 224)  # x0 = 0 and 152
+    assert nearest_window(wins, 10, 10) == 0
+    assert nearest_window(wins, 590, 10) == 1
+    assert nearest_window(wins, 250, 200) == 0  # centres at x=224 and 376
+    with pytest.raises(ValueError, match="outside"):
+        nearest_window(wins, 700, 10)
+
+
+def test_canvas_averages_overlapping_windows():
+    canvas = LogitCanvas(2, 4, 6)
+    canvas.add(Window(0, 0, 4, 4), torch.ones(2, 2, 2))
+    canvas.add(Window(0, 2, 4, 6), 3 * torch.ones(2, 2, 2))
+    out = canvas.mean()
+    assert torch.allclose(out[:, :, :2], torch.ones(2, 4, 2))
+    assert torch.allclose(out[:, :, 2:4], 2 * torch.ones(2, 4, 2))  # (1 + 3) / 2
+    assert torch.allclose(out[:, :, 4:], 3 * torch.ones(2, 4, 2))
+
+
+@pytest.mark.parametrize("size", [(31, 23), (5, 90), (7, 9)])
+def test_banded_resize_equals_bilinear_interpolate(size):
+    x = torch.randn(5, 7, 9, dtype=torch.float64)
+    ref = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+    bands = list(resized_row_bands(x, *size, max_elements=5 * size[1] * 3))
+    assert len(bands) == -(-size[0] // 3)  # three rows a band
+    out = torch.cat([b for _, _, b in bands], dim=1)
+    assert torch.allclose(out, ref, atol=1e-12)
