@@ -1,12 +1,24 @@
-"""fsa: Feedback Self-adaptive Attention (ICCV 2025) on training-free CLIP segmentation baselines."""
+"""fsa: Feedback Self-adaptive Attention (ICCV 2025) on training-free CLIP segmentation baselines.
+
+    import fsa
+    result = fsa.Segmenter().segment("cat.jpg", "cat; kitten, sofa, background")
+    result.labels, result.class_names, result.explain(120, 80)
+"""
+from .backbones import LoadedClip, ModelCache, WeightsUnavailableError, load_clip
 from .config import (
     BACKBONES, METHOD_DEFAULTS, METHOD_LABELS, METHODS, PROXIES, TINY_TEST, FeedbackConfig, GClipConfig,
     MethodDefaults, MethodOptions, SegmentSettings, default_lambda,
 )
+from .diagnostics import PatchExplanation
 from .logits import compute_patch_logits, patch_logits
+from .segmenter import ComparisonResult, SegmentationResult, Segmenter
+from .sliding import Window
+from .vocabulary import Vocabulary, parse_vocabulary
 
 __all__ = [
-    "BACKBONES", "METHODS", "METHOD_DEFAULTS", "METHOD_LABELS", "PROXIES", "TINY_TEST", "FeedbackConfig",
-    "GClipConfig", "MethodDefaults", "MethodOptions", "SegmentSettings", "default_lambda",
-    "compute_patch_logits", "patch_logits",
+    "BACKBONES", "METHODS", "METHOD_DEFAULTS", "METHOD_LABELS", "PROXIES", "TINY_TEST", "ComparisonResult",
+    "FeedbackConfig", "GClipConfig", "LoadedClip", "MethodDefaults", "MethodOptions", "ModelCache",
+    "PatchExplanation", "SegmentSettings", "SegmentationResult", "Segmenter", "Vocabulary",
+    "WeightsUnavailableError", "Window", "compute_patch_logits", "default_lambda", "load_clip",
+    "parse_vocabulary", "patch_logits",
 ]

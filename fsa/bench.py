@@ -104,6 +104,21 @@ def time_call(fn: Callable[[], object], device: torch.device, repeats: int) -> f
     return statistics.median(times)
 
 
+def time_pair(base: Callable[[], object], fsa: Callable[[], object], device: torch.device,
+              repeats: int) -> tuple[float, float]:
+    """Median seconds of baseline and FSA, calls interleaved so that load on the machine hits both."""
+    base(), fsa()
+    _sync(device)
+    tb, tf = [], []
+    for _ in range(repeats):
+        for fn, out in ((base, tb), (fsa, tf)):
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            out.append(time.perf_counter() - t0)
+    return statistics.median(tb), statistics.median(tf)
+
+
 def peak_of(fn: Callable[[], object], device: torch.device) -> float:
     with PeakMemory(device) as mem:
         fn()
@@ -149,7 +164,7 @@ def bench_clearclip(model, device, dtype, repeats: int, k: int = 20, size: int =
     cfg = FeedbackConfig()
     base = lambda: compute_patch_logits(model, pixels, text, "clearclip")  # noqa: E731
     fsa = lambda: compute_patch_logits(model, pixels, text, "clearclip", feedback=cfg)  # noqa: E731
-    tb, tf = time_call(base, device, repeats), time_call(fsa, device, repeats)
+    tb, tf = time_pair(base, fsa, device, repeats)
     extra = peak_of(fsa, device) - peak_of(base, device)
     return Row(f"(a) ClearCLIP {size}×{size}, K={k}", _fmt_s(tb), _fmt_s(tf), f"{tf / tb:.3f}", "≤ 1.10",
                f"{extra:.0f}")
@@ -164,7 +179,7 @@ def bench_proxyclip(model, device, dtype, repeats: int, k: int = 171, proxy_grid
     cfg = FeedbackConfig()
     base = lambda: compute_patch_logits(model, pixels, text, "proxyclip", proxy_features=proxy)  # noqa: E731
     fsa = lambda: compute_patch_logits(model, pixels, text, "proxyclip", feedback=cfg, proxy_features=proxy)  # noqa
-    tb, tf = time_call(base, device, repeats), time_call(fsa, device, repeats)
+    tb, tf = time_pair(base, fsa, device, repeats)
     extra = peak_of(fsa, device) - peak_of(base, device)
     n = proxy_grid * proxy_grid
     rows = [Row(f"(b) ProxyCLIP, proxy grid {proxy_grid}×{proxy_grid} (N={n}), K={k}", _fmt_s(tb), _fmt_s(tf),
@@ -250,7 +265,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fsa bench", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="ViT-B-16-quickgelu", help="open_clip architecture (random weights)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test of the table")
     parser.add_argument("--no-proxy-model", action="store_true", help="skip the DINO ViT-B/8 forward timing")
     args = parser.parse_args(argv)

@@ -1,0 +1,373 @@
+"""Drawing helpers for segmentation masks and attention maps (no UI, no maths).
+
+Every function takes and returns plain numpy arrays: images are ``(H, W, 3) uint8`` RGB.
+Text is drawn with Pillow and the DejaVu Sans font that matplotlib ships (so any class name
+renders); charts use matplotlib's object API with the Agg canvas (no pyplot, thread-safe).
+"""
+from __future__ import annotations
+
+import colorsys
+from functools import lru_cache
+from typing import Iterable, Optional, Sequence
+
+import cv2
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+#: colour of the query-patch rectangle in `heatmap_overlay` (absent from the colour maps used)
+MARKER_COLOR: tuple[int, int, int] = (0, 255, 255)
+#: colour given to a class named "background" by `class_colors`
+BACKGROUND_COLOR: tuple[int, int, int] = (128, 128, 128)
+#: factor applied to patches outside the kept set and to pixels outside the window
+DIM_FACTOR = 0.35
+
+# Hand-picked, high-contrast first colours (Kelly's list, minus near-greys); more are generated.
+_BASE_COLORS = np.array(
+    [
+        (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48),
+        (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+        (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
+        (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128),
+    ],
+    dtype=np.uint8,
+)
+
+
+def palette(n: int) -> np.ndarray:
+    """``n`` distinct colours, ``(n, 3) uint8``; the first 19 are fixed, the rest spread in hue."""
+    if n < 0:
+        raise ValueError("palette size must be >= 0")
+    if n <= len(_BASE_COLORS):
+        return _BASE_COLORS[:n].copy()
+    extra = []
+    golden = 0.618033988749895
+    for i in range(n - len(_BASE_COLORS)):
+        h = (0.11 + i * golden) % 1.0
+        s = 0.55 + 0.4 * ((i // 7) % 2)
+        v = 0.95 - 0.25 * ((i // 3) % 2)
+        extra.append(tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(h, s, v)))
+    return np.concatenate([_BASE_COLORS, np.array(extra, dtype=np.uint8)], axis=0)
+
+
+def class_colors(class_names: Sequence[str]) -> np.ndarray:
+    """Palette for ``class_names`` with a class named "background" drawn grey."""
+    colors = palette(len(class_names))
+    for i, name in enumerate(class_names):
+        if str(name).strip().lower() == "background":
+            colors[i] = BACKGROUND_COLOR
+    return colors
+
+
+def _as_rgb_uint8(image) -> np.ndarray:
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise ValueError(f"expected an (H, W, 3) image, got shape {arr.shape}")
+    arr = arr[..., :3]
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating):
+            arr = np.clip(arr * (255.0 if arr.max(initial=0) <= 1.0 else 1.0), 0, 255)
+        arr = arr.astype(np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def colorize(labels: np.ndarray, num_classes: int, colors: Optional[np.ndarray] = None) -> np.ndarray:
+    """Label map ``(H, W)`` of indices in ``[0, num_classes)`` → ``(H, W, 3) uint8`` colours."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be (H, W), got shape {labels.shape}")
+    colors = palette(num_classes) if colors is None else np.asarray(colors, dtype=np.uint8)
+    if len(colors) < num_classes:
+        raise ValueError(f"{len(colors)} colours for {num_classes} classes")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels outside [0, {num_classes})")
+    return colors[labels.astype(np.intp)]
+
+
+def overlay(
+    image,
+    labels: np.ndarray,
+    num_classes: int,
+    alpha: float = 0.5,
+    colors: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """Class colours blended over ``image`` with weight ``alpha`` (labels resized if needed)."""
+    img = _as_rgb_uint8(image)
+    labels = np.asarray(labels)
+    if labels.shape != img.shape[:2]:
+        labels = cv2.resize(
+            labels.astype(np.int32), (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST
+        )
+    color = colorize(labels, num_classes, colors).astype(np.float32)
+    out = (1.0 - alpha) * img.astype(np.float32) + alpha * color
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+@lru_cache(maxsize=8)
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        from matplotlib import font_manager
+
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
+    except Exception:  # pragma: no cover - matplotlib always ships DejaVu Sans
+        return ImageFont.load_default()
+
+
+def _text_width(font, text: str) -> int:
+    return int(np.ceil(font.getlength(text)))
+
+
+def legend(
+    class_names: Sequence[str],
+    colors: np.ndarray,
+    width: int = 512,
+    font_size: int = 14,
+    present: Optional[Iterable[int]] = None,
+) -> np.ndarray:
+    """A white strip ``(h, width, 3)`` with one colour swatch + name per class, wrapped in rows.
+
+    ``present``: indices of classes that occur in the mask; the others are drawn greyed out.
+    """
+    font = _font(font_size)
+    present_set = None if present is None else {int(i) for i in present}
+    pad, sw, gap = 6, font_size, 14
+    line_h = font_size + 8
+    items, x, y = [], pad, pad
+    for i, name in enumerate(class_names):
+        w = sw + 4 + _text_width(font, str(name))
+        if x > pad and x + w > width - pad:
+            x, y = pad, y + line_h
+        items.append((i, x, y))
+        x += w + gap
+    height = y + line_h + pad
+    canvas = Image.new("RGB", (max(width, 1), height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, x, y in items:
+        color = tuple(int(c) for c in colors[i])
+        faded = present_set is not None and i not in present_set
+        draw.rectangle([x, y + 2, x + sw - 1, y + 2 + sw - 1], fill=color, outline=(0, 0, 0))
+        draw.text((x + sw + 4, y), str(class_names[i]), fill=(150, 150, 150) if faded else (0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+
+def with_legend(image, class_names: Sequence[str], colors: np.ndarray, **kwargs) -> np.ndarray:
+    """``image`` with a `legend` strip of the same width appended below it."""
+    img = _as_rgb_uint8(image)
+    strip = legend(class_names, colors, width=img.shape[1], **kwargs)
+    return np.concatenate([img, strip], axis=0)
+
+
+def segmentation_panel(
+    image,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    alpha: float = 0.55,
+    colors: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """Mask over the image, the same size as ``image`` (so clicks map 1:1), legend not included."""
+    colors = class_colors(class_names) if colors is None else colors
+    return overlay(image, labels, len(class_names), alpha=alpha, colors=colors)
+
+
+def _window_box(window, shape) -> tuple[int, int, int, int]:
+    if all(hasattr(window, a) for a in ("y0", "x0", "y1", "x1")):
+        y0, x0, y1, x1 = window.y0, window.x0, window.y1, window.x1
+    else:
+        y0, x0, y1, x1 = window
+    h, w = shape[:2]
+    y0, x0 = max(0, int(y0)), max(0, int(x0))
+    y1, x1 = min(h, int(y1)), min(w, int(x1))
+    if y1 <= y0 or x1 <= x0:
+        raise ValueError(f"window {(y0, x0, y1, x1)} is empty for an image of {w}x{h}")
+    return y0, x0, y1, x1
+
+
+@lru_cache(maxsize=8)
+def _lut(cmap: str) -> np.ndarray:
+    from matplotlib import colormaps
+
+    return (colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255 + 0.5).astype(np.uint8)
+
+
+def apply_colormap(values: np.ndarray, cmap: str = "inferno", vmin=None, vmax=None) -> np.ndarray:
+    """Scalar map → ``(..., 3) uint8`` through a matplotlib colour map (min-max scaled by default)."""
+    v = np.asarray(values, dtype=np.float32)
+    finite = v[np.isfinite(v)]
+    lo = float(finite.min()) if vmin is None and finite.size else float(vmin or 0.0)
+    hi = float(finite.max()) if vmax is None and finite.size else float(1.0 if vmax is None else vmax)
+    scaled = np.zeros_like(v) if hi <= lo else (v - lo) / (hi - lo)
+    idx = np.clip(np.nan_to_num(scaled) * 255 + 0.5, 0, 255).astype(np.intp)
+    return _lut(cmap)[idx]
+
+
+def patch_box(window, grid: tuple[int, int], patch: tuple[int, int], shape) -> tuple[int, int, int, int]:
+    """Pixel box ``(y0, x0, y1, x1)`` (end-exclusive) of patch ``(row, col)`` of a window's grid."""
+    y0, x0, y1, x1 = _window_box(window, shape)
+    gh, gw = grid
+    r, c = patch
+    if not (0 <= r < gh and 0 <= c < gw):
+        raise ValueError(f"patch {patch} outside the {gh}x{gw} grid")
+    ph, pw = (y1 - y0) / gh, (x1 - x0) / gw
+    return (
+        y0 + int(round(r * ph)), x0 + int(round(c * pw)),
+        y0 + int(round((r + 1) * ph)), x0 + int(round((c + 1) * pw)),
+    )
+
+
+def heatmap_overlay(
+    image,
+    window,
+    grid_map: np.ndarray,
+    patch: Optional[tuple[int, int]] = None,
+    kept: Optional[np.ndarray] = None,
+    alpha: float = 0.6,
+    cmap: str = "inferno",
+    vmin: Optional[float] = None,
+    vmax: Optional[float] = None,
+    marker_color: tuple[int, int, int] = MARKER_COLOR,
+) -> np.ndarray:
+    """A patch-grid map drawn over its window of ``image``.
+
+    ``grid_map`` ``(gh, gw)`` is upsampled bilinearly to the window, coloured with ``cmap``
+    (scaled to its own min..max unless ``vmin``/``vmax``) and blended with weight ``alpha``.
+    Pixels outside the window are dimmed. ``kept`` ``(gh, gw) bool``: patches not kept are
+    dimmed too (the pruned set of the similarity view). ``patch`` ``(row, col)`` gets a rectangle
+    of ``marker_color`` on its border. Returns an image of the same size as ``image``.
+    """
+    img = _as_rgb_uint8(image)
+    grid_map = np.asarray(grid_map, dtype=np.float32)
+    if grid_map.ndim != 2:
+        raise ValueError(f"grid_map must be (gh, gw), got shape {grid_map.shape}")
+    gh, gw = grid_map.shape
+    y0, x0, y1, x1 = _window_box(window, img.shape)
+    wh, ww = y1 - y0, x1 - x0
+
+    out = img.astype(np.float32) * DIM_FACTOR
+    up = cv2.resize(grid_map, (ww, wh), interpolation=cv2.INTER_LINEAR)
+    colored = apply_colormap(up, cmap, vmin=vmin, vmax=vmax).astype(np.float32)
+    region = (1.0 - alpha) * img[y0:y1, x0:x1].astype(np.float32) + alpha * colored
+    if kept is not None:
+        kept = np.asarray(kept, dtype=bool)
+        if kept.shape != (gh, gw):
+            raise ValueError(f"kept must have the grid's shape {(gh, gw)}, got {kept.shape}")
+        mask = cv2.resize(kept.astype(np.uint8), (ww, wh), interpolation=cv2.INTER_NEAREST).astype(bool)
+        region[~mask] *= DIM_FACTOR
+    out[y0:y1, x0:x1] = region
+    out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+    if patch is not None:
+        py0, px0, py1, px1 = patch_box((y0, x0, y1, x1), (gh, gw), patch, img.shape)
+        t = max(2, min(py1 - py0, px1 - px0) // 6)
+        # grow the box outwards by the thickness so the patch's own pixels stay visible
+        by0, bx0 = max(0, py0 - t), max(0, px0 - t)
+        by1, bx1 = min(out.shape[0], py1 + t), min(out.shape[1], px1 + t)
+        out[by0:py0, bx0:bx1] = marker_color
+        out[py1:by1, bx0:bx1] = marker_color
+        out[by0:by1, bx0:px0] = marker_color
+        out[by0:by1, px1:bx1] = marker_color
+    return out
+
+
+def _figure_to_array(fig) -> np.ndarray:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def class_bar_chart(
+    class_names: Sequence[str],
+    probs: np.ndarray,
+    colors: Optional[np.ndarray] = None,
+    title: str = "Π_i: class distribution of the query patch",
+    size: tuple[float, float] = (5.0, 3.0),
+    dpi: int = 100,
+) -> np.ndarray:
+    """Horizontal bar chart of one probability per class → ``(H, W, 3) uint8`` (Agg canvas)."""
+    from matplotlib.figure import Figure
+
+    probs = np.asarray(probs, dtype=np.float64).reshape(-1)
+    if len(probs) != len(class_names):
+        raise ValueError(f"{len(probs)} probabilities for {len(class_names)} classes")
+    colors = class_colors(class_names) if colors is None else np.asarray(colors)
+    height = max(size[1], 0.35 * len(class_names) + 1.0)
+    fig = Figure(figsize=(size[0], height), dpi=dpi)
+    ax = fig.add_subplot(1, 1, 1)
+    y = np.arange(len(class_names))
+    ax.barh(y, probs, color=np.asarray(colors[: len(probs)], dtype=np.float64) / 255.0, edgecolor="black")
+    ax.set_yticks(y, [str(n) for n in class_names])
+    ax.invert_yaxis()
+    ax.set_xlim(0.0, max(1.0, float(probs.max(initial=0.0))))
+    for yi, p in zip(y, probs):
+        ax.text(min(p, 0.82) + 0.01, yi, f"{p:.2f}", va="center", fontsize=9)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("probability")
+    fig.tight_layout()
+    return _figure_to_array(fig)
+
+
+def _fit(image: np.ndarray, width: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    if w == width:
+        return image
+    height = max(1, int(round(h * width / w)))
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if w > width else cv2.INTER_LINEAR)
+
+
+def _text_strip(text: str, width: int, font_size: int = 14, bold_bg=(245, 245, 245)) -> np.ndarray:
+    font = _font(font_size)
+    canvas = Image.new("RGB", (width, font_size + 10), bold_bg)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((6, 4), text, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+
+def compare_grid(
+    rows: Sequence[Sequence[np.ndarray]],
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    cell_width: int = 256,
+    gap: int = 4,
+    footer: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """Images in a labelled grid: one row per entry of ``rows``, one column per ``col_labels``.
+
+    Every cell is resized to ``cell_width`` pixels wide (aspect kept; a row takes its tallest
+    cell's height). Row labels are drawn as a strip above each row, column labels once on top;
+    ``footer`` (e.g. a `legend` strip) is resized to the grid's width and appended.
+    """
+    if len(rows) != len(row_labels):
+        raise ValueError("one label per row")
+    ncol = len(col_labels)
+    if any(len(r) != ncol for r in rows):
+        raise ValueError("every row needs one image per column label")
+    width = ncol * cell_width + (ncol + 1) * gap
+    white = (255, 255, 255)
+    parts = []
+    header = np.full((28, width, 3), 255, np.uint8)
+    for j, label in enumerate(col_labels):
+        cell = _text_strip(str(label), cell_width, 16, white)
+        x = gap + j * (cell_width + gap)
+        header[: cell.shape[0], x : x + cell_width] = cell[:28]
+    parts.append(header)
+    for label, row in zip(row_labels, rows):
+        parts.append(_text_strip(str(label), width, 14))
+        cells = [_fit(_as_rgb_uint8(im), cell_width) for im in row]
+        h = max(c.shape[0] for c in cells)
+        band = np.full((h + gap, width, 3), 255, np.uint8)
+        for j, c in enumerate(cells):
+            x = gap + j * (cell_width + gap)
+            band[: c.shape[0], x : x + cell_width] = c
+        parts.append(band)
+    if footer is not None:
+        parts.append(_fit(_as_rgb_uint8(footer), width))
+    return np.concatenate(parts, axis=0)
+
+
+__all__ = [
+    "BACKGROUND_COLOR", "MARKER_COLOR", "apply_colormap", "class_bar_chart", "class_colors", "colorize",
+    "compare_grid", "heatmap_overlay", "legend", "overlay", "palette", "patch_box", "segmentation_panel",
+    "with_legend",
+]
