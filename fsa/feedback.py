@@ -52,7 +52,9 @@ def prune_top_p(sim: Tensor, p: float) -> Tensor:
     are kept while cumsum(w) ≤ p, the first always.
     """
     values, order = torch.sort(sim, dim=-1, descending=True, stable=True)
-    keep_sorted = values.softmax(dim=-1).cumsum_(dim=-1) <= p
+    # A cumulative probability is at most 1; rounding can push it a hair above, which would prune
+    # entries at p = 1.
+    keep_sorted = values.softmax(dim=-1).cumsum_(dim=-1).clamp_(max=1.0) <= p
     keep_sorted[..., 0] = True
     return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
