@@ -17,8 +17,11 @@ import reference as R
 
 DT = torch.float64
 
-#: acceptance tolerance of the issue (max abs, float64); we report what we actually measure.
-TOL = 1e-6
+#: tolerance of fsa vs the reference (max abs, float64). The issue accepts 1e-6; we measure
+#: ~1e-14 and hold 1e-10, because some switches move the output of the residual methods by only
+#: ~1e-8 (pruning barely matters for vanilla/MaskCLIP/SCLIP: the pruned entries carry ~e^-20 of
+#: the softmax mass), so a 1e-6 tolerance would not see a pruning bug there.
+TOL = 1e-10
 #: tolerance against the published golden outputs.
 GOLDEN_TOL = 1e-9
 
@@ -46,6 +49,16 @@ atexit.register(_dump)
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, (tuple(a.shape), tuple(b.shape))
     return float((a.to(DT) - b.to(DT)).abs().max())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    """Tiny tensors: one intra-op thread is ~10-30x faster on this 2-core box when anything else
+    runs (thread oversubscription). Restored after each of our modules."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,12 +15,12 @@ Everything is computed in float64 regardless of the model dtype.
 """
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F  # only for the deliberate misreadings of test_golden
 
 DT = torch.float64
 
@@ -296,8 +296,13 @@ def output_similarity_naive(pi: torch.Tensor, eps: float) -> torch.Tensor:
 
 def prune_keep_naive(sim: torch.Tensor, p: float) -> torch.Tensor:
     """Per-row Python loop: sort descending, w = softmax(sorted), keep while cumsum(w) <= p,
-    always the first. Returns a bool (N, N) kept mask."""
+    always the first. Returns a bool (N, N) kept mask.
+
+    p >= 1 keeps every entry: the cumsum of a probability vector never exceeds 1 in exact
+    arithmetic, so rounding of the last terms (1.0000000000000002) must not prune anything."""
     N = sim.shape[0]
+    if p >= 1.0:
+        return torch.ones(N, sim.shape[1], dtype=torch.bool)
     keep = torch.zeros(N, sim.shape[1], dtype=torch.bool)
     for i in range(N):
         row = [float(t) for t in sim[i]]
@@ -362,12 +367,16 @@ def _gclip_tokens(visual, x: torch.Tensor, opts: RefOptions, depth: int):
 
 def reference_patch_logits(model, pixels: torch.Tensor, text_features: torch.Tensor, method: str,
                            feedback=None, proxy_features: Optional[torch.Tensor] = None,
-                           options: Optional[RefOptions] = None, return_details: bool = False):
+                           options: Optional[RefOptions] = None, return_details: bool = False,
+                           _misreadings: frozenset = frozenset()):
     """(B, K, h, w) cosine similarities (proxy grid I x J for proxyclip), float64.
 
     `feedback`: None (baseline) or anything with FeedbackConfig's field names.
     `options`: RefOptions (GCLIP blocks explicit or None = default_gclip_blocks(depth)).
     With return_details, also a list (per image) of dicts of intermediates.
+    `_misreadings` is for test_golden only: deliberately wrong readings of method.md, to show that
+    the golden file tells them apart ("sclip_mean", "maskclip_no_residual_ffn",
+    "proxy_mean_offdiag", "uniform_over_clip_grid", "proxy_v_nearest").
     """
     assert method in BASELINE_METHODS, method
     fb = feedback_from(feedback)
@@ -379,6 +388,8 @@ def reference_patch_logits(model, pixels: torch.Tensor, text_features: torch.Ten
     depth = len(blocks)
     last = blocks[-1]
     residual, ffn = LAST_BLOCK_RULE[method]
+    if method == "maskclip" and "maskclip_no_residual_ffn" in _misreadings:
+        residual, ffn = False, False
 
     with torch.no_grad():
         tokens, gh, gw = embed(visual, pixels)
@@ -410,6 +421,8 @@ def reference_patch_logits(model, pixels: torch.Tensor, text_features: torch.Ten
                 a0 = [torch.eye(L, dtype=DT) for _ in range(H)]
             elif method == "sclip":
                 a0 = [softmax_rows(q @ q.T * s) + softmax_rows(k @ k.T * s) for q, k in zip(qs, ks)]
+                if "sclip_mean" in _misreadings:
+                    a0 = [A / 2 for A in a0]
             elif method == "clearclip":
                 a0 = [softmax_rows(q @ q.T * s) for q in qs]
             elif method == "naclip":
@@ -442,6 +455,8 @@ def reference_patch_logits(model, pixels: torch.Tensor, text_features: torch.Ten
                 f = l2_normalize(Fp.reshape(C, I * J).T)  # (M, C), row-major proxy grid
                 S_hat = f @ f.T
                 mean = S_hat.sum() / S_hat.numel()
+                if "proxy_mean_offdiag" in _misreadings:
+                    mean = (S_hat.sum() - torch.diagonal(S_hat).sum()) / (S_hat.numel() - S_hat.shape[0])
                 S_p = opts.proxy_gamma * (S_hat - opts.proxy_beta * mean)
                 S_p = torch.where(S_p < 0, torch.full_like(S_p, float("-inf")), S_p)
                 A = softmax_rows(S_p)
@@ -450,7 +465,11 @@ def reference_patch_logits(model, pixels: torch.Tensor, text_features: torch.Ten
                 newv = []
                 for v in vs:
                     vp = v[1:].T.reshape(d, gh, gw)
-                    newv.append(bilinear_resize_size(vp, I, J).reshape(d, I * J).T)
+                    if "proxy_v_nearest" in _misreadings:
+                        newv.append(F.interpolate(vp[None], size=(I, J), mode="nearest")[0].reshape(d, I * J).T)
+                    else:
+                        newv.append(bilinear_resize_size(vp, I, J).reshape(d, I * J).T)
+                clip_grid_vs = [v[1:] for v in vs]
                 vs = newv
                 x_res = None
             Lp = vs[0].shape[0]  # L' tokens attended over
@@ -469,7 +488,12 @@ def reference_patch_logits(model, pixels: torch.Tensor, text_features: torch.Ten
             else:
                 Z = fb.feedback_scale * base
                 A_u = torch.full((Lp, Lp), 1.0 / Lp, dtype=DT)  # a real uniform matrix
-                U = fb.isolation_scale * logits_of([A_u for _ in range(H)])
+                if "uniform_over_clip_grid" in _misreadings and not has_cls:
+                    mean_v = [v.mean(dim=0, keepdim=True).expand(Lp, -1) for v in clip_grid_vs]
+                    O_u = run_last_block(last, x_res, [torch.eye(Lp, dtype=DT)] * H, mean_v, residual, ffn)
+                    U = fb.isolation_scale * (head_features(visual, O_u) @ T.T)
+                else:
+                    U = fb.isolation_scale * logits_of([A_u for _ in range(H)])
                 pi = softmax_rows(Z - U) if fb.isolation else softmax_rows(Z)
                 S = output_similarity_naive(pi, fb.eps)
                 keep = prune_keep_naive(S, fb.p) if fb.pruning else None

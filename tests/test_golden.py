@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import reference as R
+from _fixtures_ref import _single_thread  # noqa: F401  (autouse fixture)
 from _fixtures_ref import GOLDEN_TOL, feedback_cfg, fsa_or_skip, max_abs, record, state_snapshot, \
     assert_state_unchanged
 
@@ -109,6 +110,29 @@ MISREADINGS = {
     "no_eps_in_log": ("output_similarity_naive", lambda pi, eps: _ORIG_OUTPUT_SIMILARITY(pi, 1e-300),
                       "proxyclip_fsa_lam3.0"),
 }
+
+
+#: misreadings built into reference_patch_logits(_misreadings=...): name -> golden key
+BUILTIN_MISREADINGS = {
+    "sclip_mean": "sclip",  # (softmax(qq) + softmax(kk)) / 2 instead of the sum (rows sum to 2)
+    "maskclip_no_residual_ffn": "maskclip",  # the original MaskCLIP drops them; ClearCLIP's code keeps them
+    "proxy_mean_offdiag": "proxyclip",  # mean(Ŝ) without the diagonal
+    "proxy_v_nearest": "proxyclip",  # v resized by nearest instead of bilinear
+    "uniform_over_clip_grid": "proxyclip_fsa_lam3.0",  # U from the mean v of the CLIP grid, not the proxy grid
+}
+
+
+@pytest.mark.parametrize("name", list(BUILTIN_MISREADINGS))
+def test_golden_discriminates_builtin_misreadings(golden, golden_model, name):
+    key = BUILTIN_MISREADINGS[name]
+    method, fb = CASES[key]
+    pixels, text, proxy = _golden_inputs(golden)
+    out = R.reference_patch_logits(golden_model, pixels, text, method,
+                                   feedback=None if fb is None else R.RefFeedback(**fb),
+                                   proxy_features=proxy if method == "proxyclip" else None,
+                                   _misreadings=frozenset({name}))
+    d = record(f"golden/misreading/{name}", max_abs(out, torch.from_numpy(golden[f"out/{key}"])))
+    assert d > 1e-6, f"golden cannot tell '{name}' apart (max abs {d:.3e})"
 
 
 @pytest.mark.parametrize("name", list(MISREADINGS))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import reference as R
 from _fixtures_ref import (DT, INPUT_NAMES, TOL, assert_state_unchanged, feedback_cfg, fsa_or_skip,
                            max_abs, method_options, record, run_fsa, run_ref, state_snapshot)
-from _fixtures_ref import deep_model, ref_inputs  # noqa: F401  (fixtures)
+from _fixtures_ref import _single_thread, deep_model, ref_inputs  # noqa: F401  (fixtures)
 
 METHODS = ("vanilla", "maskclip", "sclip", "clearclip", "naclip", "proxyclip", "gclip")
 
@@ -59,6 +59,30 @@ def test_reference_embedding_equals_open_clip_on_pretrain_grid(golden_model, ref
     got, gh, gw = R.embed(visual, px)
     assert (gh, gw) == tuple(visual.grid_size)
     assert max_abs(got, want) < 1e-12
+
+
+def test_reference_vanilla_equals_open_clip_forward(golden_model, ref_inputs):
+    """On the pre-training grid the reference's vanilla CLIP is open_clip's own forward:
+    transformer -> ln_post -> proj on the patch tokens."""
+    visual = golden_model.visual
+    inp = ref_inputs["pretrain_grid"]
+    with torch.no_grad():
+        x = visual.transformer(visual._embeds(inp.pixels))
+        f = visual.ln_post(x)[:, 1:] @ visual.proj
+        f = f / f.norm(dim=-1, keepdim=True)
+        want = (f @ inp.text.T).permute(0, 2, 1).reshape(1, -1, *visual.grid_size)
+    assert max_abs(run_ref(golden_model, inp, "vanilla"), want) < 1e-12
+
+
+def test_reference_channel_suppression():
+    torch.manual_seed(0)
+    w = torch.randn(16, 64, dtype=DT)
+    w[5] *= 4
+    out = R.suppressed_c_proj(w)
+    norms = w.norm(dim=1)
+    assert torch.equal(out[torch.arange(16) != 5], w[torch.arange(16) != 5])
+    assert abs(float(out[5].norm()) - float(norms[torch.arange(16) != 5].mean())) < 1e-12
+    assert max_abs(out[5] / out[5].norm(), w[5] / w[5].norm()) < 1e-15  # rescaled, same direction
 
 
 @pytest.mark.parametrize("g0,gh,gw", [(4, 7, 7), (4, 5, 8), (4, 3, 7), (14, 28, 21), (14, 9, 40)])
@@ -139,6 +163,26 @@ def test_fsa_vs_reference(golden_model, ref_inputs, method, inputs, config):
     _compare(golden_model, ref_inputs[inputs], method, FSA_CONFIGS[config], tag=f"fsa[{config}]")
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_fsa_switches_matter(golden_model, ref_inputs, method):
+    """Non-vacuity: on the golden image every FSA switch / parameter moves the reference output
+    well beyond TOL (except ensemble for MaskCLIP, where A0 = I makes A_ens = A_new). Pruning
+    moves the residual methods (vanilla, MaskCLIP, SCLIP) by only ~1e-8: hence TOL = 1e-10."""
+    inp = ref_inputs["golden"]
+    outs = {k: run_ref(golden_model, inp, method, R.RefFeedback(**v)) for k, v in FSA_CONFIGS.items()}
+    base = run_ref(golden_model, inp, method)
+    assert max_abs(outs["default"], base) > 1e-3
+    for k, o in outs.items():
+        if k == "default":
+            continue
+        d = max_abs(o, outs["default"])
+        if method == "maskclip" and k == "ensemble_off":
+            assert d <= 1e-12
+        else:
+            assert d > 30 * TOL, f"{k} does not change {method}: {d:.3e}"
+    assert max_abs(outs["p1.0"], outs["pruning_off"]) == 0.0
+
+
 # --- method parameters -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fb", [None, {}], ids=["baseline", "fsa"])
@@ -165,6 +209,9 @@ GCLIP_SWITCHES = {
     "explicit_blocks": dict(suppression_blocks=(2, 3, 4), fusion_blocks=(1, 3)),
     "explicit_blocks_fusion_only": dict(channel_suppression=False, suppression_blocks=(1,), fusion_blocks=(1, 2)),
     "suppress_block1": dict(attention_fusion=False, suppression_blocks=(1,)),
+    # fusion over n blocks generalises (sum_b Ā_b + own) / (n + 1) [our reading of §4]
+    "fusion_one_block": dict(fusion_blocks=(1,)),
+    "fusion_three_blocks": dict(fusion_blocks=(1, 2, 3)),
 }
 
 
@@ -181,7 +228,7 @@ def test_gclip_switches_matter(golden_model, ref_inputs):
     inp = ref_inputs["golden"]
     outs = {k: run_ref(golden_model, inp, "gclip", None, method_options(**v)[1]) for k, v in GCLIP_SWITCHES.items()}
     clear = run_ref(golden_model, inp, "clearclip")
-    assert max_abs(outs["neither"], clear) == 0.0
+    assert max_abs(outs["neither"], clear) <= 1e-12
     for k in ("both", "suppression_only", "fusion_only"):
         assert max_abs(outs[k], clear) > 1e-4, k
     assert max_abs(outs["both"], outs["explicit_blocks"]) > 1e-4
@@ -248,6 +295,19 @@ def test_all_components_off_runs_and_is_not_baseline(golden_model, ref_inputs, m
     got, want = _compare(golden_model, inp, method, FSA_CONFIGS["all_off"], tag="all_off_vs_ref")
     base = run_ref(golden_model, inp, method)
     assert max_abs(got, base) > 1e-4, "every component off is A_new alone, not the baseline"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_p1_equals_pruning_off(golden_model, ref_inputs, method):
+    """p = 1 (allowed by FeedbackConfig) keeps every entry, i.e. it is pruning off; float rounding
+    of cumsum(w) must not prune the smallest entries."""
+    fsa = fsa_or_skip()
+    for name in ("golden", "nonsquare", "batch2"):
+        inp = ref_inputs[name]
+        a = run_fsa(fsa, golden_model, inp, method, feedback_cfg(p=1.0)[0])
+        b = run_fsa(fsa, golden_model, inp, method, feedback_cfg(pruning=False)[0])
+        d = record(f"p1_vs_pruning_off/{method}", max_abs(a, b))
+        assert d <= 1e-12, f"{name}: {d:.3e}"
 
 
 def test_maskclip_ensemble_is_a_new(golden_model, ref_inputs):
