@@ -228,10 +228,11 @@ def bench_second_point(model, device, dtype, size: int = 448) -> Row:
     vocab = ", ".join(f"class {i}" for i in range(20))
     result = segmenter.segment(image, vocab, SegmentSettings(method="clearclip"))
     t0 = time.perf_counter()
-    result.explain(100, 120)
+    result.explain(0.2 * size, 0.3 * size)
     first = time.perf_counter() - t0
     seconds = []
-    for x, y in [(300, 200), (50, 400), (220, 220)]:
+    for fx, fy in [(0.7, 0.4), (0.1, 0.9), (0.5, 0.5)]:
+        x, y = fx * size, fy * size
         t0 = time.perf_counter()
         result.explain(x, y)
         seconds.append(time.perf_counter() - t0)
