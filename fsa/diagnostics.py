@@ -18,6 +18,7 @@ from .attention import attention_weights
 from .feedback import adapted_attention, output_similarity, prune_top_p
 from .logits import FeedbackDetails
 from .sliding import Window, nearest_window
+from .vocabulary import Vocabulary, aggregate_synonyms
 
 
 @dataclass
@@ -59,13 +60,12 @@ class DiagnosticsStore:
     """Per-window feedback details of one segmentation, answering `explain(x, y)`."""
 
     def __init__(self, windows: Sequence[Window], details: Sequence[FeedbackDetails], scale: tuple[float, float],
-                 query_to_class: Sequence[int], class_names: Sequence[str]):
+                 vocabulary: Vocabulary):
         """windows: on the working image; scale: (sy, sx) from the result's image to the working image."""
         self.windows = list(windows)
         self.details = list(details)
         self.scale = scale
-        self.query_to_class = torch.as_tensor(list(query_to_class))
-        self.class_names = list(class_names)
+        self.vocabulary = vocabulary
         self._lock = threading.Lock()
         self._cached: tuple[int, _WindowMatrices] | None = None
 
@@ -126,9 +126,7 @@ class DiagnosticsStore:
         def grid_of(rows: Tensor) -> np.ndarray:
             return rows[..., -n:].reshape(*rows.shape[:-1], gh, gw).float().numpy()
 
-        pi = d.pi[0, p]
-        per_class = torch.full((len(self.class_names),), 0.0, dtype=pi.dtype)
-        per_class = per_class.scatter_reduce(0, self.query_to_class, pi, reduce="amax")
+        per_class = aggregate_synonyms(d.pi[0, p], self.vocabulary, dim=0)
         keep_row = mats.keep[p] if mats.keep is not None else torch.ones(n, dtype=torch.bool)
         sy, sx = self.scale
         win = self.windows[index]
@@ -143,6 +141,6 @@ class DiagnosticsStore:
             similarity=grid_of(mats.sim[p]),
             kept=keep_row.reshape(gh, gw).numpy(),
             class_probs=per_class.float().numpy(),
-            class_names=self.class_names,
+            class_names=list(self.vocabulary.class_names),
             cls_attention=a0_rows[:, 0].float().numpy() if d.cls_token else None,
         )

@@ -16,7 +16,7 @@ from .images import limit_size, to_rgb_uint8, working_size
 from .logits import FeedbackDetails, compute_patch_logits
 from .sliding import LogitCanvas, Window, resized_row_bands, window_layout
 from .text import TextFeatureCache
-from .vocabulary import Vocabulary, parse_vocabulary
+from .vocabulary import Vocabulary, aggregate_synonyms, parse_vocabulary
 
 Progress = Callable[[float, str], None]
 
@@ -217,8 +217,7 @@ class Segmenter:
                                               **{**common, "timings": dict(timings), "notes": list(notes)}))
         if settings.feedback is not None:
             labels, probs = decided["fsa"]
-            store = (DiagnosticsStore(windows, details, (sy, sx), vocab.query_to_class, vocab.class_names)
-                     if keep else None)
+            store = DiagnosticsStore(windows, details, (sy, sx), vocab) if keep else None
             results.append(SegmentationResult(labels=labels, probabilities=probs, fsa_enabled=True,
                                               diagnostics=store, **common))
         return results
@@ -232,14 +231,11 @@ def _decide(cos: torch.Tensor, height: int, width: int, logit_scale: float, voca
     best probability is below the threshold go to the background. Done in bands of rows so that
     no (Q, H, W) tensor of a large image is ever held.
     """
-    query_to_class = torch.as_tensor(vocab.query_to_class, device=cos.device)
     n_vocab = len(vocab.classes)
     probs = np.zeros((num_classes, height, width), dtype=np.float32)
     labels = np.empty((height, width), dtype=np.int64)
     for y0, y1, band in resized_row_bands(cos.float(), height, width):
-        p = (logit_scale * band).softmax(dim=0)  # (Q, rows, W)
-        per_class = p.new_zeros((n_vocab,) + p.shape[1:])
-        per_class.scatter_reduce_(0, query_to_class.view(-1, 1, 1).expand_as(p), p, reduce="amax")
+        per_class = aggregate_synonyms((logit_scale * band).softmax(dim=0), vocab, dim=0)  # (C, rows, W)
         best, idx = per_class.max(dim=0)
         if threshold > 0 and background is not None:
             idx = torch.where(best < threshold, torch.full_like(idx, background), idx)
