@@ -77,10 +77,16 @@ def resolve_backbone_name(name: Optional[str]) -> str:
 def resolve_device(device: DeviceLike = None) -> torch.device:
     """None -> cuda if available else cpu. Asking for CUDA without one is a ``ValueError``."""
     if device is None or device == "":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} requested but CUDA is not available; use --device cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"invalid device {str(device)!r}; use cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} requested but CUDA is not available; use --device cpu")
+        if dev.index is None:  # "cuda" and "cuda:0" must share cache entries
+            dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
@@ -89,24 +95,27 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def _report(progress: Optional[Progress], fraction: float, message: str) -> None:
+def report_progress(progress: Optional[Progress], fraction: float, message: str) -> None:
+    """Call ``progress`` if there is one."""
     if progress is not None:
         progress(fraction, message)
 
 
 # --------------------------------------------------------------------------- Hugging Face files
-def _hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> Optional[str]:
-    """None if the hub endpoint answers within ``timeout`` s, else the reason it did not.
+def _hub_unreachable(timeout: Optional[float] = None) -> Optional[str]:
+    """None if the hub endpoint answers within ``timeout`` s (default HUB_PROBE_TIMEOUT_S), else why not.
 
     Runs in a daemon thread so that a slow DNS lookup (not covered by socket timeouts) cannot
     block us either. urllib honours HTTPS_PROXY like huggingface_hub does; HF_ENDPOINT is honoured
     through huggingface_hub's constants.
     """
+    timeout = HUB_PROBE_TIMEOUT_S if timeout is None else timeout
     outcome: dict[str, str] = {}
 
     def probe() -> None:
         try:
-            urllib.request.urlopen(urllib.request.Request(hf_constants.ENDPOINT, method="HEAD"), timeout=timeout).close()
+            request = urllib.request.Request(hf_constants.ENDPOINT, method="HEAD")
+            urllib.request.urlopen(request, timeout=timeout).close()
         except urllib.error.HTTPError:
             pass  # any HTTP status means the server is there
         except Exception as exc:  # noqa: BLE001 - every failure means "unreachable"
@@ -116,7 +125,7 @@ def _hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> Optional[str]:
     thread.start()
     thread.join(timeout + 1.0)
     if thread.is_alive():
-        return f"no answer within {timeout:.0f} s"
+        return f"no answer within {timeout:g} s"
     return outcome.get("error")
 
 
@@ -157,7 +166,7 @@ def fetch_hub_file(
             f"{where} are not in the Hugging Face cache {cache} and {hf_constants.ENDPOINT} is unreachable "
             f"({reason}): {fixes}"
         )
-    _report(progress, 0.05, f"Downloading {what} weights from {repo_id}")
+    report_progress(progress, 0.05, f"Downloading {what} weights from {repo_id}")
     for filename in filenames:
         try:
             return huggingface_hub.hf_hub_download(repo_id, filename)
@@ -219,15 +228,12 @@ def clip_cache_key(name: Optional[str] = None, checkpoint: Optional[str] = None,
     return f"{spec.name}|{weights}|{dev}|{compute_dtype(dev)}".replace("torch.", "")
 
 
-def _load_state(model: torch.nn.Module, path: str, spec_name: str) -> None:
-    try:
-        open_clip.load_checkpoint(model, path)
-    except Exception as exc:  # noqa: BLE001 - pickle/safetensors/shape errors alike
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsUnavailableError(
-            f"could not load {path} as {spec_name} weights ({type(exc).__name__}: {first[:300]}); "
-            f"pass an open_clip state dict (.safetensors/.bin/.pt) of {spec_name} or choose the matching backbone"
-        ) from exc
+def _weights_error(path: str, spec_name: str, exc: Exception) -> WeightsUnavailableError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return WeightsUnavailableError(
+        f"could not load {path} as {spec_name} weights ({type(exc).__name__}: {first[:300]}); "
+        f"pass an open_clip state dict (.safetensors/.bin/.pt) of {spec_name} or choose the matching backbone"
+    )
 
 
 def load_clip(
@@ -248,12 +254,15 @@ def load_clip(
     dev = resolve_device(device)
     dtype = compute_dtype(dev)
     key = clip_cache_key(spec.name, path, dev)
-    _report(progress, 0.0, f"Loading {spec.name}")
+    report_progress(progress, 0.0, f"Loading {spec.name}")
 
     if spec.name == TINY_TEST:
         model = tiny_test_clip()
         if path is not None:
-            _load_state(model, path, spec.name)
+            try:
+                open_clip.load_checkpoint(model, path)
+            except Exception as exc:  # noqa: BLE001 - pickle/safetensors/shape errors alike
+                raise _weights_error(path, spec.name, exc) from exc
         tokenizer = open_clip.get_tokenizer("ViT-B-16")  # bundled BPE vocab, no download
         mean, std = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     else:
@@ -269,14 +278,16 @@ def load_clip(
                 "or set FSA_MODEL=tiny-test to try the app with random weights",
                 progress=progress,
             )
-        _report(progress, 0.6, f"Building {spec.name}")
-        model = open_clip.create_model(spec.arch, pretrained=None)
-        _load_state(model, path, spec.name)
+        report_progress(progress, 0.6, f"Building {spec.name}")
+        try:  # a file path as `pretrained`: open_clip loads it strictly into the architecture
+            model = open_clip.create_model(spec.arch, pretrained=path)
+        except Exception as exc:  # noqa: BLE001 - pickle/safetensors/shape errors alike
+            raise _weights_error(path, spec.name, exc) from exc
         tokenizer = open_clip.get_tokenizer(spec.arch)
         mean, std = cfg.get("mean", OPENAI_DATASET_MEAN), cfg.get("std", OPENAI_DATASET_STD)
 
     model = model.to(device=dev, dtype=dtype).eval().requires_grad_(False)
-    _report(progress, 1.0, f"{spec.name} ready")
+    report_progress(progress, 1.0, f"{spec.name} ready")
     return LoadedClip(
         model=model,
         tokenizer=tokenizer,
@@ -330,7 +341,9 @@ class ModelCache:
         key = "clip|" + clip_cache_key(name, checkpoint, device)
         return self._get(key, lambda: load_clip(name, checkpoint=checkpoint, device=device, progress=progress))
 
-    def get_proxy(self, name: str = "dino-b8", device: DeviceLike = None, progress: Optional[Progress] = None) -> "ProxyModel":
+    def get_proxy(
+        self, name: str = "dino-b8", device: DeviceLike = None, progress: Optional[Progress] = None
+    ) -> "ProxyModel":
         """:func:`fsa.proxies.load_proxy` once per (proxy, device)."""
         from .proxies import load_proxy, proxy_cache_key
 

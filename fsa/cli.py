@@ -33,18 +33,22 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Segment IMAGE; write a colour mask PNG and print each class's pixel share.")
     seg.add_argument("image", metavar="IMAGE", help="image file (PNG, JPEG, WebP, TIFF, ...)")
     seg.add_argument("--classes", required=True,
-                     help='classes separated by commas or new lines, synonyms by ";", e.g. "cat; kitten, sofa, background"')
+                     help='classes separated by commas or new lines, synonyms by ";", '
+                          'e.g. "cat; kitten, sofa, background"')
     seg.add_argument("--method", default="clearclip", help=f"baseline: {', '.join(METHODS)} (default clearclip)")
     seg.add_argument("--no-fsa", action="store_true", help="run the baseline alone, without the FSA plug-in")
     seg.add_argument("--backbone", default=None,
                      help=f"ViT-B-16, ViT-L-14, ViT-H-14 or {TINY_TEST} (default: $FSA_MODEL or ViT-B-16)")
-    seg.add_argument("--checkpoint", default=None, help="local CLIP weights file (default: $FSA_CHECKPOINT or the HF hub)")
+    seg.add_argument("--checkpoint", default=None,
+                     help="local CLIP weights file (default: $FSA_CHECKPOINT or the HF hub)")
     seg.add_argument("--proxy", default=None, help=f"ProxyCLIP's vision model: {', '.join(PROXIES)} (default dino-b8)")
     seg.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     seg.add_argument("--short-side", type=int, default=448, help="resize so the short side has this many pixels")
-    seg.add_argument("--crop", type=int, default=None, help="sliding-window crop in pixels; 0 = whole image (default: per method)")
+    seg.add_argument("--crop", type=int, default=None,
+                     help="sliding-window crop in pixels; 0 = whole image (default: per method)")
     seg.add_argument("--stride", type=int, default=None, help="sliding-window stride in pixels (default: per method)")
-    seg.add_argument("--threshold", type=float, default=0.0, help="pixels whose best probability is below become background")
+    seg.add_argument("--threshold", type=float, default=0.0,
+                     help="pixels whose best probability is below become background")
     seg.add_argument("--lam", type=float, default=None, help="FSA λ (default: 3.0; 2.3 for ViT-H-14)")
     seg.add_argument("--p", type=float, default=0.45, help="FSA top-p of the pruning (default 0.45)")
     seg.add_argument("--out", default="mask.png", help="colour mask PNG to write (default mask.png)")
@@ -77,6 +81,10 @@ def _segment(args: argparse.Namespace) -> int:
     settings = SegmentSettings(method=args.method, feedback=feedback, short_side=args.short_side, crop=args.crop,
                                stride=args.stride, prob_threshold=args.threshold)
     parse_vocabulary(args.classes)
+    if args.proxy is not None:
+        from .proxies import resolve_proxy_name
+
+        args.proxy = resolve_proxy_name(args.proxy)
     rgb = to_rgb_uint8(args.image)
     out = Path(args.out).expanduser()
     if not out.parent.is_dir():

@@ -1,9 +1,10 @@
 """Input images: any PIL image / numpy array / file path -> (H, W, 3) uint8 RGB; sizes (method.md §1).
 
 Conversion rules (documented, predictable):
-- uint8 as is; uint16 (and PIL's 16/32-bit integer modes) over the full 16-bit range: v / 257,
-  values above 65535 clipped; bool: False -> 0, True -> 255; other integer dtypes must lie in
-  [0, 255]; floats (and PIL mode "F") are in [0, 1], clipped, and must be finite.
+- uint8 as is; uint16 (and PIL's 16/32-bit integer modes) over the full 16-bit range:
+  round(v / 65535 * 255), PIL "I" values clipped to [0, 65535] first; bool: False -> 0,
+  True -> 255; other integer dtypes must lie in [0, 255]; floats (and PIL mode "F") are in
+  [0, 1], clipped, and must be finite.
 - Grey is replicated to RGB; alpha is composited over white; CMYK, palette, YCbCr... through PIL.
 - PIL images are turned upright with their EXIF orientation.
 """
@@ -20,18 +21,18 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 ImageLike = Union[np.ndarray, Image.Image, str, Path]
 
 
-def _to_uint8(values: np.ndarray, what: str) -> np.ndarray:
-    """Any-dtype array -> uint8 with the module's rules."""
-    if values.dtype == np.uint8:
-        return values
+def _unit_float(values: np.ndarray, what: str) -> np.ndarray:
+    """Any-dtype array -> float32 in [0, 1] with the module's rules."""
     if values.dtype == np.bool_:
-        return values.astype(np.uint8) * 255
+        return values.astype(np.float32)
+    if values.dtype == np.uint8:
+        return values.astype(np.float32) / 255.0
     if values.dtype == np.uint16:
-        return np.round(values.astype(np.float32) / 257.0).astype(np.uint8)
+        return values.astype(np.float32) / 65535.0
     if np.issubdtype(values.dtype, np.floating):
         if not np.isfinite(values).all():
             raise ValueError(f"{what} contains NaN or infinite values")
-        return np.round(np.clip(values.astype(np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+        return np.clip(values.astype(np.float32), 0.0, 1.0)
     if np.issubdtype(values.dtype, np.integer):
         lo, hi = int(values.min()), int(values.max())
         if lo < 0 or hi > 255:
@@ -39,14 +40,8 @@ def _to_uint8(values: np.ndarray, what: str) -> np.ndarray:
                 f"{what} has dtype {values.dtype} with values in [{lo}, {hi}]; pass uint8 (0-255), "
                 "uint16 (0-65535) or float (0-1)"
             )
-        return values.astype(np.uint8)
+        return values.astype(np.float32) / 255.0
     raise ValueError(f"{what} has unsupported dtype {values.dtype}; pass uint8, uint16, bool or float")
-
-
-def _composite_over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 over white with (H, W) uint8 alpha."""
-    a = alpha.astype(np.float32)[..., None] / 255.0
-    return np.round(rgb.astype(np.float32) * a + 255.0 * (1.0 - a)).astype(np.uint8)
 
 
 def _from_array(array: np.ndarray, what: str = "image array") -> np.ndarray:
@@ -54,16 +49,20 @@ def _from_array(array: np.ndarray, what: str = "image array") -> np.ndarray:
         raise ValueError(f"{what} is empty (shape {array.shape})")
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    if array.ndim == 2:
-        grey = _to_uint8(array, what)
-        return np.repeat(grey[..., None], 3, axis=-1)
-    if array.ndim != 3 or array.shape[-1] not in (3, 4):
-        hint = " (channels first? use array.transpose(1, 2, 0))" if array.ndim == 3 and array.shape[0] in (1, 3, 4) else ""
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        channels_first = array.ndim == 3 and array.shape[0] in (1, 3, 4)
+        hint = " (channels first? use array.transpose(1, 2, 0))" if channels_first else ""
         raise ValueError(f"{what} must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got shape {array.shape}{hint}")
-    pixels = _to_uint8(array, what)
-    if pixels.shape[-1] == 4:
-        return _composite_over_white(pixels[..., :3], pixels[..., 3])
-    return np.ascontiguousarray(pixels)
+    if array.dtype == np.uint8 and array.ndim == 3 and array.shape[-1] == 3:
+        return np.array(array, order="C")  # the common case: a writable copy, nothing to convert
+    unit = _unit_float(array, what)
+    if unit.ndim == 2:
+        unit = unit[..., None]
+    elif unit.shape[-1] == 4:  # composite over white, before quantising
+        alpha = unit[..., 3:]
+        unit = unit[..., :3] * alpha + (1.0 - alpha)
+    rgb = np.round(unit * 255.0).astype(np.uint8)
+    return np.repeat(rgb, 3, axis=-1) if rgb.shape[-1] == 1 else rgb
 
 
 def _from_pil(image: Image.Image) -> np.ndarray:
@@ -98,7 +97,9 @@ def to_rgb_uint8(image: ImageLike) -> np.ndarray:
                 opened.load()
                 return _from_pil(opened)
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as exc:
-            raise ValueError(f"cannot read {image} as an image ({exc}); use a PNG, JPEG, WebP, BMP or TIFF file") from exc
+            raise ValueError(
+                f"cannot read {image} as an image ({exc}); use a PNG, JPEG, WebP, BMP or TIFF file"
+            ) from exc
     if isinstance(image, Image.Image):
         if image.width == 0 or image.height == 0:
             raise ValueError(f"image is empty ({image.width}x{image.height})")

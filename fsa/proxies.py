@@ -19,7 +19,7 @@ from .backbones import (
     DeviceLike,
     Progress,
     WeightsUnavailableError,
-    _report,
+    report_progress,
     compute_dtype,
     fetch_hub_file,
     resolve_device,
@@ -74,7 +74,7 @@ class ProxyModel:
 
         The tokens after timm's final norm (``forward_features``), prefix (CLS/register) tokens
         dropped. Any H, W >= patch (non-square included: the model uses ``dynamic_img_size``);
-        trailing pixels that do not fill a patch are ignored, as the strided patch conv does.
+        trailing rows/columns that do not fill a patch are dropped.
         """
         if rgb01.ndim != 4 or rgb01.shape[1] != 3:
             raise ValueError(f"expected a (B, 3, H, W) image batch, got shape {tuple(rgb01.shape)}")
@@ -82,7 +82,8 @@ class ProxyModel:
         gh, gw = h // self.patch_size, w // self.patch_size
         if gh < 1 or gw < 1:
             raise ValueError(f"image {h}x{w} is smaller than one {self.patch_size}-pixel proxy patch")
-        x = (rgb01.to(self.device, torch.float32) - self.mean) / self.std
+        x = rgb01[:, :, : gh * self.patch_size, : gw * self.patch_size]  # timm wants whole patches
+        x = (x.to(self.device, torch.float32) - self.mean) / self.std
         tokens = self.model.forward_features(x.to(self.dtype))  # (B, prefix + gh*gw, C)
         patches = tokens[:, self.model.num_prefix_tokens:, :].float()
         return patches.transpose(1, 2).reshape(b, patches.shape[-1], gh, gw)
@@ -110,7 +111,7 @@ def load_proxy(
     """
     canonical = resolve_proxy_name(name)
     dev = resolve_device(device)
-    _report(progress, 0.0, f"Loading proxy {canonical}")
+    report_progress(progress, 0.0, f"Loading proxy {canonical}")
     timm_name = _TIMM_NAMES[canonical]
     if timm_name is None:
         model = tiny_test_proxy()
@@ -130,7 +131,7 @@ def load_proxy(
                 "ProxyCLIP, or set FSA_MODEL=tiny-test to try the app with random weights",
                 progress=progress,
             )
-        _report(progress, 0.6, f"Building proxy {canonical}")
+        report_progress(progress, 0.6, f"Building proxy {canonical}")
         try:
             model = timm.create_model(
                 timm_name, pretrained=True, pretrained_cfg_overlay={"file": path}, dynamic_img_size=True, num_classes=0
@@ -141,5 +142,5 @@ def load_proxy(
                 f"({type(exc).__name__}: {str(exc)[:300]}); delete the file to re-download it or pass the right one"
             ) from exc
     model = model.to(device=dev, dtype=compute_dtype(dev)).eval().requires_grad_(False)
-    _report(progress, 1.0, f"Proxy {canonical} ready")
+    report_progress(progress, 1.0, f"Proxy {canonical} ready")
     return ProxyModel(canonical, model, device=dev, is_test_model=timm_name is None)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
-from .backbones import LoadedClip, Progress, _report
+from .backbones import LoadedClip, Progress, report_progress
 
 #: The 80 OpenAI ImageNet prompt templates as format strings ("a bad photo of a {}.", ...).
 TEMPLATES: tuple[str, ...] = tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)
@@ -56,12 +56,13 @@ class TextFeatureCache:
             missing = list(dict.fromkeys(n for n in names if (clip.key, n) not in self._features))
             for start in range(0, len(missing), self.names_per_batch):
                 batch = missing[start:start + self.names_per_batch]
-                _report(progress, start / len(missing), f"Encoding class names {start + 1}-{start + len(batch)} of {len(missing)}")
+                message = f"Encoding class names {start + 1}-{start + len(batch)} of {len(missing)}"
+                report_progress(progress, start / len(missing), message)
                 tokens = clip.tokenizer([p for name in batch for p in prompts(name)]).to(clip.device)
                 per_prompt = F.normalize(clip.model.encode_text(tokens).float(), dim=-1)  # (B*80, E)
                 per_name = F.normalize(per_prompt.view(len(batch), len(TEMPLATES), -1).mean(dim=1), dim=-1)
                 for name, feature in zip(batch, per_name):
                     self._features[(clip.key, name)] = feature
             if missing:
-                _report(progress, 1.0, f"Encoded {len(missing)} class name(s)")
+                report_progress(progress, 1.0, f"Encoded {len(missing)} class name(s)")
             return torch.stack([self._features[(clip.key, n)] for n in names])

@@ -1,0 +1,147 @@
+"""python -m fsa: the segment command end to end (tiny-test) and its one-line failures."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fsa import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def image_path(tmp_path) -> Path:
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    path = tmp_path / "photo.png"
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def _shares(stdout: str) -> dict[str, float]:
+    return {m.group(1).strip(): float(m.group(2)) for m in re.finditer(r"^(\S.*?)\s+([\d.]+) %$", stdout, re.M)}
+
+
+def _run(args: list[str], env_update: dict[str, str], drop=()) -> tuple[subprocess.CompletedProcess, float]:
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(PYTHONPATH=str(REPO), **env_update)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "fsa", *args], env=env, capture_output=True, text=True, timeout=120)
+    return proc, time.perf_counter() - start
+
+
+def test_segment_subprocess_tiny_model(image_path, tmp_path):
+    out = tmp_path / "mask.png"
+    proc, _ = _run(["segment", str(image_path), "--classes", "cat; kitten, sofa", "--short-side", "64",
+                    "--out", str(out)], {"FSA_MODEL": "tiny-test"})
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    mask = np.asarray(Image.open(out))
+    assert mask.shape == (40, 56, 3) and mask.dtype == np.uint8
+    assert len(np.unique(mask.reshape(-1, 3), axis=0)) <= 2, "at most one colour per class"
+    shares = _shares(proc.stdout)
+    assert set(shares) == {"cat", "sofa"} and sum(shares.values()) == pytest.approx(100.0, abs=0.2)
+    assert "clearclip + FSA on tiny-test" in proc.stdout and "random weights" in proc.stdout
+    assert re.search(r"timings: .*total [\d.]+ s", proc.stdout)
+
+
+def test_segment_offline_fails_fast_in_one_line(image_path, tmp_path):
+    proc, seconds = _run(["segment", str(image_path), "--classes", "cat", "--out", str(tmp_path / "m.png")],
+                         {"FSA_MODEL": "ViT-B-16", "HF_HOME": str(tmp_path / "empty-hf")},
+                         drop=("HF_HUB_OFFLINE", "FSA_CHECKPOINT", "HF_HUB_CACHE"))
+    assert proc.returncode == 1
+    assert seconds < 20
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fsa: error: ViT-B-16 CLIP weights"), proc.stderr
+    for fix in ("hf download timm/vit_base_patch16_clip_224.openai", "--checkpoint", "FSA_MODEL=tiny-test"):
+        assert fix in lines[0]
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_segment_in_process_proxyclip_baseline(image_path, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FSA_MODEL", "tiny-test")
+    out = tmp_path / "proxy.png"
+    code = cli.main(["segment", str(image_path), "--classes", "sky\nroad, background", "--method", "ProxyCLIP",
+                     "--no-fsa", "--short-side", "48", "--crop", "0", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.startswith("proxyclip on tiny-test")
+    assert set(_shares(captured.out)) == {"sky", "road", "background"}
+    assert np.asarray(Image.open(out)).shape == (40, 56, 3)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing.png", "--classes", "cat"], "image file not found: missing.png (check the path)"),
+        (["{img}", "--classes", "cat, Cat"], "class 'Cat' is listed twice"),
+        (["{img}", "--classes", " , ;"], "the vocabulary is empty"),
+        (["{img}", "--classes", "cat", "--method", "segformer"], "unknown method 'segformer'; choose one of"),
+        (["{img}", "--classes", "cat", "--backbone", "ViT-Z"], "unknown backbone 'ViT-Z'"),
+        (["{img}", "--classes", "cat", "--proxy", "mae"], "unknown proxy model 'mae'"),
+        (["{img}", "--classes", "cat", "--device", "tpu9"], "invalid device 'tpu9'"),
+        (["{img}", "--classes", "cat", "--out", "{tmp}/no/such/dir/m.png"], "output folder"),
+        (["{img}", "--classes", "cat", "--p", "0"], "FeedbackConfig.p must be in (0, 1]"),
+        (["{img}", "--classes", "cat", "--checkpoint", "{tmp}/none.pt"], "checkpoint file not found"),
+        (["{tmp}/text.png", "--classes", "cat"], "cannot read"),
+    ],
+)
+def test_failures_are_one_line(args, message, image_path, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FSA_MODEL", "tiny-test")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "text.png").write_text("not a png")
+    argv = ["segment"] + [a.format(img=image_path, tmp=tmp_path) for a in args]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1 and err.startswith("fsa: error: ") and message in err, err
+    assert not (tmp_path / "mask.png").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "choose a command: segment or bench"),
+        (["segment", "x.png"], "the following arguments are required: --classes"),
+        (["segment", "x.png", "--classes", "cat", "--crop", "big"], "argument --crop: invalid int value: 'big'"),
+    ],
+)
+def test_usage_errors_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and message in err and "--help" in err
+
+
+def test_unexpected_errors_name_their_type(image_path, capsys, monkeypatch):
+    import fsa.segmenter
+
+    def boom(self, *args, **kwargs):
+        raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
+
+    monkeypatch.setattr(fsa.segmenter.Segmenter, "segment", boom)
+    assert cli.main(["segment", str(image_path), "--classes", "cat", "--backbone", "tiny-test"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("fsa: error: RuntimeError: CUDA out of memory. Tried to allocate 2 GiB "
+                   "(set FSA_DEBUG=1 for the traceback)\n")
+    monkeypatch.setenv("FSA_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        cli.main(["segment", str(image_path), "--classes", "cat", "--backbone", "tiny-test"])
+
+
+def test_bench_is_dispatched(monkeypatch):
+    import fsa.bench
+
+    seen = []
+    monkeypatch.setattr(fsa.bench, "main", lambda argv: seen.append(argv) or 7)
+    assert cli.main(["bench", "--quick", "--repeats", "1"]) == 7
+    assert seen == [["--quick", "--repeats", "1"]]

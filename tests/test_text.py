@@ -1,0 +1,98 @@
+"""fsa.text: 80-template text features and their cache, on the tiny random CLIP."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+from fsa.backbones import load_clip
+from fsa.text import TEMPLATES, TextFeatureCache, prompts
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return load_clip("tiny-test", device="cpu")
+
+
+@pytest.fixture
+def counting(clip, monkeypatch):
+    """Count the prompts that reach the text encoder."""
+    seen: list[int] = []
+    real = clip.model.encode_text
+
+    def encode_text(tokens, *args, **kwargs):
+        seen.append(tokens.shape[0])
+        return real(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(clip.model, "encode_text", encode_text)
+    return seen
+
+
+def test_templates_are_openais_80():
+    assert len(TEMPLATES) == 80 == len(set(TEMPLATES))
+    assert TEMPLATES[0] == "a bad photo of a {}."
+    assert prompts("red car") == [t("red car") for t in OPENAI_IMAGENET_TEMPLATES]
+
+
+def _independent(clip, name: str) -> torch.Tensor:
+    """method.md §1 for one name, straight from open_clip's template lambdas."""
+    with torch.no_grad():
+        per_prompt = clip.model.encode_text(clip.tokenizer([t(name) for t in OPENAI_IMAGENET_TEMPLATES]))
+    return F.normalize(F.normalize(per_prompt, dim=-1).mean(0), dim=-1)
+
+
+def test_encode_matches_independent_computation(clip):
+    names = ["cat", "sofa", "traffic light"]
+    got = TextFeatureCache(names_per_batch=2).encode(clip, names)
+    assert got.shape == (3, 32) and got.dtype == torch.float32 and got.device == clip.device
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(3))
+    expected = torch.stack([_independent(clip, n) for n in names])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got[0] - got[1]).abs().max() > 1e-4, "different names must give different features"
+
+
+def test_only_missing_names_are_encoded(clip, counting):
+    cache = TextFeatureCache(names_per_batch=8)
+    first = cache.encode(clip, ["cat", "dog"])
+    assert counting == [160]
+    again = cache.encode(clip, ["dog", "bird", "cat", "dog"])
+    assert counting == [160, 80], "only 'bird' is new"
+    assert torch.equal(again[0], first[1]) and torch.equal(again[2], first[0]) and torch.equal(again[3], again[0])
+    assert len(cache) == 3
+    other = dataclasses.replace(clip, key=clip.key + "|other-weights")
+    cache.encode(other, ["cat"])
+    assert counting == [160, 80, 80], "features are cached per model key"
+
+
+def test_batches_and_progress(clip, counting):
+    messages = []
+    TextFeatureCache(names_per_batch=2).encode(clip, ["a", "b", "c"], progress=lambda f, m: messages.append((f, m)))
+    assert counting == [160, 80]
+    assert messages[0] == (0.0, "Encoding class names 1-2 of 3") and messages[-1][0] == 1.0
+
+
+def test_empty_names(clip):
+    out = TextFeatureCache().encode(clip, [])
+    assert out.shape == (0, 32)
+
+
+def test_threads_share_one_encoding(clip, counting):
+    cache = TextFeatureCache()
+    outs = [None] * 4
+    threads = [threading.Thread(target=lambda i=i: outs.__setitem__(i, cache.encode(clip, ["cat", "dog"])))
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert counting == [160]
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def test_bad_batch_size():
+    with pytest.raises(ValueError):
+        TextFeatureCache(names_per_batch=0)
