@@ -69,6 +69,17 @@ class DiagnosticsStore:
         self._lock = threading.Lock()
         self._cached: tuple[int, _WindowMatrices] | None = None
 
+    def __getstate__(self) -> dict:
+        # Picklable (ZeroGPU sends results between processes): drop the lock and the recomputable cache.
+        state = self.__dict__.copy()
+        del state["_lock"]
+        state["_cached"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def _matrices(self, index: int) -> _WindowMatrices:
         with self._lock:
             if self._cached is not None and self._cached[0] == index:

@@ -336,7 +336,7 @@ def compare_grid(
 
     Every cell is resized to ``cell_width`` pixels wide (aspect kept; a row takes its tallest
     cell's height). Row labels are drawn as a strip above each row, column labels once on top;
-    ``footer`` (e.g. a `legend` strip) is resized to the grid's width and appended.
+    ``footer`` (e.g. a `legend` strip) is appended, left-aligned (shrunk if wider than the grid).
     """
     if len(rows) != len(row_labels):
         raise ValueError("one label per row")
@@ -362,7 +362,12 @@ def compare_grid(
             band[: c.shape[0], x : x + cell_width] = c
         parts.append(band)
     if footer is not None:
-        parts.append(_fit(_as_rgb_uint8(footer), width))
+        foot = _as_rgb_uint8(footer)
+        if foot.shape[1] > width:
+            foot = _fit(foot, width)
+        padded = np.full((foot.shape[0], width, 3), 255, np.uint8)
+        padded[:, : foot.shape[1]] = foot
+        parts.append(padded)
     return np.concatenate(parts, axis=0)
 
 

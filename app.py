@@ -1,0 +1,573 @@
+"""Gradio demo of FSA (Feedback Self-adaptive Attention, ICCV 2025): `python app.py`.
+
+Thin by design: layout and callbacks only. The maths lives in `fsa` (`fsa.Segmenter`), the drawing
+in `fsa.visualize`. Per-user data (the last forward pass, used by the click-to-inspect view) lives
+in a per-session `gr.State`; the only shared object is a `DemoApp`, which holds the model caches.
+
+Environment: FSA_MODEL (backbone, default ViT-B-16; `tiny-test` = random weights for tests),
+GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (or PORT), FSA_CONCURRENCY (model jobs run at once, 1).
+"""
+from __future__ import annotations
+
+# ZeroGPU (Hugging Face Spaces) wants `spaces` imported before torch initialises CUDA; locally the
+# package is optional and `_gpu` is a no-op.
+try:
+    import spaces  # type: ignore[import-not-found]
+except ImportError:
+    spaces = None
+
+import functools
+import hashlib
+import logging
+import os
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+import fsa
+from fsa import visualize as viz
+from fsa.config import BACKBONES, METHOD_DEFAULTS, METHOD_LABELS, METHODS, TINY_TEST, default_lambda
+
+log = logging.getLogger("fsa.app")
+
+HERE = Path(__file__).resolve().parent
+EXAMPLES_DIR = HERE / "examples"
+#: (file, vocabulary, method) shown under the inputs; sources and licences in examples/SOURCES.md
+EXAMPLES: list[tuple[str, str, str]] = [
+    ("astronaut.jpg", "astronaut; person, american flag; flag, spacecraft model, background", "clearclip"),
+    ("coffee.jpg", "coffee; espresso, cup; mug, saucer; plate, spoon, table; wood", "sclip"),
+    ("chelsea_cat.jpg", "cat; kitten, floor; ground, background", "maskclip"),
+    ("rocket.jpg", "rocket, smoke; exhaust plume, sky, launch tower, trees; forest", "naclip"),
+    ("camera.png", "man; person, camera, tripod, grass; lawn, sky, building", "proxyclip"),
+    ("hubble_deep_field.jpg", "galaxy, star, background", "clearclip"),
+]
+MEAN_HEADS = "mean over heads"
+NO_RUN_MESSAGE = "Run a segmentation first (press “Segment”), then click a point on the image or on a mask."
+SHORT_SIDE_DEFAULT = 448
+TITLE = "FSA: Feedback Self-adaptive Attention for CLIP segmentation"
+INTRO = """\
+Training-free open-vocabulary segmentation with CLIP. A baseline (MaskCLIP, SCLIP, ClearCLIP, NACLIP,
+ProxyCLIP, GCLIP or vanilla CLIP) labels every patch; **FSA** (ICCV 2025) feeds those predictions back
+into CLIP's last attention block: patches whose class distributions agree attend to each other, and the
+baseline's own attention is blended in. Left: the baseline; right: baseline + FSA, from one forward pass.
+**Click** a point on the image or a mask to see the attention of that patch before and after FSA.
+Vocabulary: classes separated by commas, synonyms by `;`, optional `background`."""
+
+
+def _gpu(duration: int) -> Callable[[Callable], Callable]:
+    """`spaces.GPU(duration=...)` on Hugging Face ZeroGPU, the identity elsewhere."""
+    if getattr(spaces, "GPU", None) is None:
+        return lambda fn: fn
+    return spaces.GPU(duration=duration)
+
+
+# --------------------------------------------------------------------------- per-session data
+@dataclass
+class RunRecord:
+    """What one session keeps in its `gr.State`: its last forward pass and clicked point."""
+
+    key: tuple  #: (image digest, vocabulary, backbone, settings) that produced the results
+    baseline: Any  #: fsa.SegmentationResult of the baseline
+    fsa: Any  #: fsa.SegmentationResult of baseline + FSA (holds the diagnostics), or None
+    input_size: tuple[int, int]  #: (width, height) of the image the user gave
+    point: Optional[tuple[float, float]] = None  #: last query point, in pixels of `baseline.image`
+
+
+def image_digest(image) -> str:
+    """Content hash of a PIL image or an array (to tell whether a cached pass is for this image)."""
+    if isinstance(image, Image.Image):
+        meta, data = f"{image.mode}{image.size}", image.tobytes()
+    else:
+        arr = np.ascontiguousarray(image)
+        meta, data = f"{arr.dtype}{arr.shape}", arr.tobytes()
+    return hashlib.sha1(meta.encode() + data).hexdigest()
+
+
+def image_size(image) -> tuple[int, int]:
+    """(width, height) of a PIL image or an array."""
+    if isinstance(image, Image.Image):
+        return image.size
+    arr = np.asarray(image)
+    return int(arr.shape[1]), int(arr.shape[0])
+
+
+def parse_head(value: Optional[str]) -> Optional[int]:
+    """Head selector value → None (mean) or a 0-based head index."""
+    if not value or value == MEAN_HEADS:
+        return None
+    try:
+        return int(str(value).split()[-1]) - 1
+    except ValueError:
+        raise gr.Error(f"unknown head {value!r}; pick “{MEAN_HEADS}” or “head N”") from None
+
+
+def head_choices(num_heads: int) -> list[str]:
+    return [MEAN_HEADS] + [f"head {h + 1}" for h in range(num_heads)]
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Turn every exception of a callback into a `gr.Error` a person understands (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except fsa.WeightsUnavailableError as exc:
+            raise gr.Error(f"Model weights unavailable: {exc}", title="Weights missing", duration=None) from None
+        except (ValueError, FileNotFoundError) as exc:
+            raise gr.Error(str(exc), title="Check the inputs") from None
+        except MemoryError:
+            raise gr.Error("Out of memory: lower the short side or the window crop in Advanced settings.") from None
+        except Exception as exc:  # noqa: BLE001 - the page must never show a traceback
+            if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+                raise gr.Error("Out of GPU memory: lower the short side or the window crop in Advanced "
+                               "settings.") from None
+            log.exception("callback %s failed", getattr(fn, "__name__", fn))
+            raise gr.Error(f"Unexpected error ({type(exc).__name__}: {exc}). The server log has the details.") from None
+
+    return wrapper
+
+
+def _progress_callback(progress, start: float = 0.0, span: float = 1.0):
+    """The library's `progress(fraction, message)` → a `gr.Progress` (None-safe)."""
+    if progress is None:
+        return None
+
+    def report(fraction: float, message: str) -> None:
+        progress(start + span * max(0.0, min(1.0, float(fraction))), desc=message)
+
+    return report
+
+
+# --------------------------------------------------------------------------- the shared app object
+class DemoApp:
+    """Model caches (shared by all sessions, thread-safe) and the callbacks of the page.
+
+    Holds no per-user data: every callback takes and returns the session's `RunRecord`.
+    """
+
+    def __init__(self, backbone: Optional[str] = None, *, device=None, short_side: int = SHORT_SIDE_DEFAULT,
+                 preload: bool = True):
+        self.cache = fsa.ModelCache()
+        self.device = device
+        self.default_short_side = int(short_side)
+        self._segmenters: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        first = self.segmenter(backbone)
+        self.default_backbone = first.backbone_name
+        self.is_test_model = first.is_test_model
+        self.weights_error: Optional[str] = None
+        self.num_heads = 12
+        if preload:
+            self.preload()
+        # GPU work (ZeroGPU): plain-data arguments in, CPU results out; the caches stay outside.
+        self._infer = _gpu(90)(self._infer_impl)
+        self._infer_all = _gpu(180)(self._infer_all_impl)
+
+    # -- models -------------------------------------------------------------------------------
+    def segmenter(self, backbone: Optional[str] = None):
+        """One `fsa.Segmenter` per backbone, all sharing this app's `ModelCache`."""
+        name = backbone or getattr(self, "default_backbone", None)
+        with self._lock:
+            key = name or ""
+            if key not in self._segmenters:
+                self._segmenters[key] = fsa.Segmenter(name, device=self.device, cache=self.cache)
+            return self._segmenters[key]
+
+    def preload(self) -> None:
+        """Load the default CLIP now, so that the page can say at once when its weights are missing."""
+        try:
+            clip = self.segmenter().load()
+        except fsa.WeightsUnavailableError as exc:
+            self.weights_error = str(exc)
+            log.warning("weights unavailable: %s", exc)
+            return
+        try:
+            self.num_heads = int(clip.model.visual.transformer.resblocks[-1].attn.num_heads)
+        except AttributeError:
+            pass
+        if os.environ.get("SPACE_ID"):  # on Hugging Face Spaces: ProxyCLIP's DINO too, before any GPU worker forks
+            segmenter = self.segmenter()
+            try:
+                self.cache.get_proxy(segmenter.proxy_name, device=segmenter.device)
+            except fsa.WeightsUnavailableError as exc:
+                log.warning("ProxyCLIP's proxy model is unavailable: %s", exc)
+
+    def backbone_choices(self) -> list[str]:
+        names = list(BACKBONES)
+        if self.default_backbone not in names:
+            names.insert(0, self.default_backbone)
+        return names
+
+    def status_markdown(self) -> str:
+        if self.weights_error:
+            return (f"⚠️ **The {self.default_backbone} weights are not available, so nothing can be segmented "
+                    f"yet.** {self.weights_error}")
+        if self.is_test_model:
+            return (f"⚠️ **Test model with random weights** (`FSA_MODEL={TINY_TEST}`): the masks are meaningless. "
+                    f"Start without FSA_MODEL (ViT-B/16 weights) for real results.")
+        return f"Model: **{self.default_backbone}** on {self.segmenter().device}."
+
+    # -- settings -----------------------------------------------------------------------------
+    def settings(self, method: str, fsa_on: bool, isolation: bool, pruning: bool, ensemble: bool, lam: float,
+                 p: float, short_side=None, crop=None, stride=None, logit_scale=None, bg_threshold=0.0,
+                 keep_diagnostics: bool = True) -> "fsa.SegmentSettings":
+        feedback = fsa.FeedbackConfig(lam=float(lam), p=float(p), isolation=bool(isolation),
+                                      pruning=bool(pruning), ensemble=bool(ensemble)) if fsa_on else None
+        return fsa.SegmentSettings(
+            method=method or "clearclip", feedback=feedback,
+            short_side=int(short_side) if short_side else self.default_short_side,
+            crop=None if crop is None else int(crop),
+            stride=None if stride is None or int(stride) < 1 else int(stride),
+            logit_scale=None if not logit_scale else float(logit_scale),
+            prob_threshold=float(bg_threshold or 0.0),
+            keep_diagnostics=keep_diagnostics,
+        )
+
+    # -- GPU work -----------------------------------------------------------------------------
+    def _infer_impl(self, backbone: Optional[str], image, vocabulary: str, settings, progress=None):
+        segmenter = self.segmenter(backbone)
+        report = _progress_callback(progress)
+        if settings.feedback is None:
+            return segmenter.segment(image, vocabulary, settings, progress=report), None
+        out = segmenter.compare(image, vocabulary, settings, progress=report)
+        return out.baseline, out.fsa
+
+    def _infer_all_impl(self, backbone: Optional[str], image, vocabulary: str, settings_list, progress=None):
+        segmenter = self.segmenter(backbone)
+        rows = []
+        for i, settings in enumerate(settings_list):
+            report = _progress_callback(progress, i / len(settings_list), 1.0 / len(settings_list))
+            if report is not None:
+                report(0.0, f"{METHOD_LABELS[settings.method]} ({i + 1} of {len(settings_list)})")
+            try:
+                out = segmenter.compare(image, vocabulary, settings, progress=report)
+                rows.append((settings.method, out.baseline, out.fsa, None))
+            except fsa.WeightsUnavailableError as exc:  # e.g. ProxyCLIP without DINO weights
+                rows.append((settings.method, None, None, str(exc)))
+        return rows
+
+    # -- helpers ------------------------------------------------------------------------------
+    @staticmethod
+    def _check_inputs(image, vocabulary: Optional[str]) -> None:
+        if image is None:
+            raise gr.Error("Upload an image first (or pick one of the examples).", title="No image")
+        if not vocabulary or not vocabulary.strip(" \n\t,;"):
+            raise gr.Error("Type at least one class name, e.g. “cat; kitten, sofa, background”.",
+                           title="Empty vocabulary")
+
+    def _run(self, image, vocabulary, backbone, settings, progress) -> RunRecord:
+        self._check_inputs(image, vocabulary)
+        backbone = backbone or self.default_backbone
+        key = (image_digest(image), vocabulary, backbone, settings)
+        baseline, fsa_result = self._infer(backbone, image, vocabulary, settings, progress)
+        return RunRecord(key=key, baseline=baseline, fsa=fsa_result, input_size=image_size(image))
+
+    def mask_images(self, record: RunRecord) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        names = record.baseline.class_names
+        colors = viz.class_colors(names)
+
+        def panel(result):
+            if result is None:
+                return None
+            body = viz.segmentation_panel(result.image, result.labels, names, colors=colors)
+            font = max(14, round(body.shape[1] / 30))
+            return viz.with_legend(body, names, colors, present=np.unique(result.labels), font_size=font)
+
+        return panel(record.baseline), panel(record.fsa)
+
+    @staticmethod
+    def run_summary(record: RunRecord) -> str:
+        res = record.fsa or record.baseline
+        settings = record.key[3]
+        label = METHOD_LABELS[res.method] + (" + FSA" if record.fsa is not None else " (FSA off)")
+        crop = settings.resolved_crop()
+        if len(res.windows) == 1:
+            layout = "one window over the whole image"
+        else:
+            layout = f"{len(res.windows)} windows ({crop} px crop, stride {settings.resolved_stride()})"
+        timings = ", ".join(f"{k} {v:.2f} s" for k, v in res.timings.items())
+        gh, gw = res.grid
+        line = (f"**{label}** on {res.backbone} · patch grid **{gh}×{gw}** per window, {layout} (image resized "
+                f"to {res.working_size[1]}×{res.working_size[0]}) · timings: {timings}")
+        notes = list(res.notes)
+        if res.is_test_model:
+            notes.append("random test weights: the masks are meaningless")
+        return line + "".join(f"\n\nNote: {n}" for n in notes)
+
+    def attention_outputs(self, record: Optional[RunRecord], head: Optional[str]):
+        """(A₀ row, A_new, A_ens, Ŝ with kept set, Π chart, description, head selector update)."""
+        if record is None or record.point is None:
+            raise gr.Error(NO_RUN_MESSAGE, title="Nothing to inspect yet")
+        if record.fsa is None:
+            raise gr.Error("The attention maps come from the FSA pass: switch FSA on and press “Segment” again.",
+                           title="FSA is off")
+        x, y = record.point
+        exp = record.fsa.explain(x, y)
+        h = parse_head(head)
+        if h is not None and h >= exp.num_heads:
+            h = None
+        image, win, patch = record.fsa.image, exp.window, exp.patch
+        original = viz.heatmap_overlay(image, win, exp.head_view(exp.attn_original, h), patch)
+        new = viz.heatmap_overlay(image, win, exp.attn_new, patch)
+        adapted = viz.heatmap_overlay(image, win, exp.head_view(exp.attn_ensemble, h), patch)
+        similarity = viz.heatmap_overlay(image, win, exp.similarity, patch, kept=exp.kept)
+        chart = viz.class_bar_chart(exp.class_names, exp.class_probs, viz.class_colors(exp.class_names))
+        best = exp.class_names[int(np.argmax(exp.class_probs))]
+        head_text = "mean over heads" if h is None else f"head {h + 1} of {exp.num_heads}"
+        text = (f"Query patch row {patch[0]}, column {patch[1]} of a {exp.grid[0]}×{exp.grid[1]} grid, in the window "
+                f"x {win.x0}–{win.x1}, y {win.y0}–{win.y1} (point x={x:.0f}, y={y:.0f}); {head_text}; "
+                f"{int(exp.kept.sum())} of {exp.kept.size} patches kept by pruning; most likely class under Π: "
+                f"**{best}**. Each map is scaled to its own range; the cyan square is the query patch.")
+        choices = head_choices(exp.num_heads)
+        head_update = gr.update(choices=choices, value=choices[0] if h is None else choices[h + 1])
+        return original, new, adapted, similarity, chart, text, head_update
+
+    # -- callbacks ----------------------------------------------------------------------------
+    def run(self, record, image, vocabulary, method, backbone, fsa_on, isolation, pruning, ensemble, lam, p,
+            short_side, crop, stride, logit_scale, bg_threshold, progress=gr.Progress()):
+        """Segment button: both masks, the summary line; resets the clicked-patch view."""
+        settings = self.settings(method, fsa_on, isolation, pruning, ensemble, lam, p, short_side, crop, stride,
+                                 logit_scale, bg_threshold)
+        record = self._run(image, vocabulary, backbone, settings, progress)
+        baseline_img, fsa_img = self.mask_images(record)
+        cleared = (None,) * 5 + ("Click a point on the image or on a mask to inspect its patch.",)
+        return (baseline_img, fsa_img, self.run_summary(record), record) + cleared
+
+    def api_segment(self, record, image, vocabulary, method, fsa_on, isolation, pruning, ensemble, lam, p,
+                    progress=gr.Progress()):
+        """/segment: (image, vocabulary, method, FSA settings) → baseline mask, FSA mask, summary."""
+        settings = self.settings(method, fsa_on, isolation, pruning, ensemble, lam, p)
+        record = self._run(image, vocabulary, None, settings, progress)
+        baseline_img, fsa_img = self.mask_images(record)
+        return baseline_img, fsa_img, self.run_summary(record), record
+
+    def api_attention(self, record, image, vocabulary, method, x, y, head, progress=gr.Progress()):
+        """/attention: (image, vocabulary, method, x, y[, head]) → the four maps, the Π chart, a description.
+
+        x, y are pixels of the given image. Reuses this session's forward pass when it was made for
+        the same image, vocabulary and method with the default settings; runs one otherwise.
+        """
+        self._check_inputs(image, vocabulary)
+        if x is None or y is None:
+            raise gr.Error("Give the x and y pixel coordinates of the query point.")
+        settings = self.settings(method, True, True, True, True, default_lambda(self.default_backbone), 0.45)
+        key = (image_digest(image), vocabulary, self.default_backbone, settings)
+        if record is None or record.key != key:
+            record = self._run(image, vocabulary, None, settings, progress)
+        record = self._with_point(record, float(x), float(y), from_input=True)
+        return self.attention_outputs(record, head)[:6] + (record,)
+
+    def _with_point(self, record: RunRecord, x: float, y: float, from_input: bool) -> RunRecord:
+        image = record.baseline.image
+        h, w = image.shape[:2]
+        if from_input:  # pixels of the user's image → pixels of the result's image
+            in_w, in_h = record.input_size
+            x, y = x * w / in_w, y * h / in_h
+        if not (0 <= x < w and 0 <= y < h):
+            raise gr.Error(f"The point ({x:.0f}, {y:.0f}) is outside the {w}×{h} image; click on the picture.")
+        return replace(record, point=(x, y))
+
+    def click(self, record, head, evt: gr.SelectData, from_input: bool = False):
+        """A click on the input image or on a mask: reuse the session's forward pass."""
+        if record is None:
+            raise gr.Error(NO_RUN_MESSAGE, title="Nothing to inspect yet")
+        if evt is None or evt.index is None or len(evt.index) < 2:
+            raise gr.Error("Click on a point of the picture.")
+        x, y = float(evt.index[0]), float(evt.index[1])
+        if not from_input and y >= record.baseline.image.shape[0]:
+            raise gr.Error("That is the legend: click on the picture above it.", title="Not on the image")
+        record = self._with_point(record, x, y, from_input)
+        return self.attention_outputs(record, head) + (record,)
+
+    def click_input(self, record, head, evt: gr.SelectData):
+        return self.click(record, head, evt, from_input=True)
+
+    def click_mask(self, record, head, evt: gr.SelectData):
+        return self.click(record, head, evt, from_input=False)
+
+    def change_head(self, record, head):
+        """Head selector: redraw the maps of the last clicked patch (no network run)."""
+        if record is None or record.point is None or record.fsa is None:
+            return (gr.skip(),) * 7
+        return self.attention_outputs(record, head)
+
+    def compare_all(self, image, vocabulary, backbone, fsa_on, isolation, pruning, ensemble, lam, p, short_side,
+                    bg_threshold, progress=gr.Progress()):
+        """Every baseline with and without FSA (each with its own window and logit-scale defaults)."""
+        self._check_inputs(image, vocabulary)
+        backbone = backbone or self.default_backbone
+        settings_list = [self.settings(m, True, isolation, pruning, ensemble, lam, p, short_side, None, None, None,
+                                       bg_threshold, keep_diagnostics=False) for m in METHODS]
+        rows = self._infer_all(backbone, image, vocabulary, settings_list, progress)
+        done = [r for r in rows if r[3] is None]
+        if not done:
+            raise gr.Error(rows[0][3], title="Weights missing")
+        names = done[0][1].class_names
+        colors = viz.class_colors(names)
+        cells, labels, notes = [], [], []
+        for method, base, fsa_res, error in rows:
+            if error is not None:
+                notes.append(f"{METHOD_LABELS[method]} skipped: {error}")
+                continue
+            labels.append(f"{METHOD_LABELS[method]}  ({base.timings.get('total', 0.0):.2f} s)")
+            cells.append([viz.segmentation_panel(base.image, base.labels, names, colors=colors),
+                          viz.segmentation_panel(fsa_res.image, fsa_res.labels, names, colors=colors)])
+        grid = viz.compare_grid(cells, labels, ["baseline", "baseline + FSA"],
+                                footer=viz.legend(names, colors, width=2 * 256 + 3 * 4))
+        text = f"{len(cells)} baselines on {backbone}" + (" (random test weights)" if self.is_test_model else "")
+        if not fsa_on:
+            text += "; the FSA switch is off, but this view always shows both columns"
+        return grid, text + "".join(f"\n\n{n}" for n in notes)
+
+    @staticmethod
+    def method_defaults(method: str):
+        """Method selector: put that method's window crop, stride and logit scale in the fields."""
+        d = METHOD_DEFAULTS.get(method or "clearclip", METHOD_DEFAULTS["clearclip"])
+        return d.crop, d.stride, d.logit_scale
+
+    @staticmethod
+    def backbone_defaults(backbone: str):
+        return default_lambda(backbone or "")
+
+
+# --------------------------------------------------------------------------- layout
+def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
+    """The page, wired to `app` (created from the environment when None). Queue included."""
+    app = app or DemoApp()
+    d0 = METHOD_DEFAULTS["clearclip"]
+    wrap = friendly_errors
+    with gr.Blocks(title="FSA segmentation demo", analytics_enabled=False) as demo:
+        record = gr.State(None, time_to_live=3 * 3600)
+        gr.Markdown(f"# {TITLE}\n{INTRO}", elem_id="header")
+        gr.Markdown(app.status_markdown(), elem_id="model-status")
+        with gr.Row():
+            with gr.Column(scale=2, min_width=320):
+                image = gr.Image(label="Image",
+                                 type="pil", image_mode=None, sources=["upload", "clipboard", "webcam"],
+                                 elem_id="image-input")
+                classes = gr.Textbox(label="Vocabulary", lines=2, elem_id="classes",
+                                     placeholder="cat; kitten, sofa, background",
+                                     info="Classes separated by commas, synonyms by “;”; add “background” "
+                                          "for a catch-all class.")
+                with gr.Row():
+                    method = gr.Dropdown([(METHOD_LABELS[m], m) for m in METHODS], value="clearclip",
+                                         label="Baseline", elem_id="method")
+                    backbone = gr.Dropdown(app.backbone_choices(), value=app.default_backbone, label="Backbone",
+                                           elem_id="backbone",
+                                           info="Other backbones download their weights on first use.")
+                fsa_on = gr.Checkbox(True, label="FSA (feedback self-adaptive attention)", elem_id="fsa-toggle")
+                with gr.Accordion("FSA parts", open=False, elem_id="fsa-parts"):
+                    with gr.Row():
+                        isolation = gr.Checkbox(True, label="Attention isolation", elem_id="fsa-isolation")
+                        pruning = gr.Checkbox(True, label="Confidence-based pruning", elem_id="fsa-pruning")
+                        ensemble = gr.Checkbox(True, label="Adaptation ensemble", elem_id="fsa-ensemble")
+                    lam = gr.Slider(0.0, 10.0, value=default_lambda(app.default_backbone), step=0.1,
+                                    label="λ (scaling of the similarity)", elem_id="fsa-lambda")
+                    p = gr.Slider(0.05, 1.0, value=0.45, step=0.01, label="p (top-p kept by pruning)",
+                                  elem_id="fsa-p")
+                with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
+                    short_side = gr.Number(app.default_short_side, label="Short side (pixels)", precision=0,
+                                           minimum=16, maximum=2048, elem_id="short-side")
+                    with gr.Row():
+                        crop = gr.Number(d0.crop, label="Window crop (px, 0 = whole image)", precision=0,
+                                         minimum=0, elem_id="crop")
+                        stride = gr.Number(d0.stride, label="Window stride (px)", precision=0, minimum=1,
+                                           elem_id="stride")
+                    with gr.Row():
+                        logit_scale = gr.Number(d0.logit_scale, label="Logit scale τ", minimum=0.1,
+                                                elem_id="logit-scale")
+                        bg_threshold = gr.Slider(0.0, 0.99, value=0.0, step=0.01, elem_id="bg-threshold",
+                                                 label="Background threshold (best probability below → background)")
+                with gr.Row():
+                    run = gr.Button("Segment", variant="primary", elem_id="run")
+                    compare = gr.Button("Compare all baselines", elem_id="compare-all")
+                gr.Examples([[str(EXAMPLES_DIR / f), v, m] for f, v, m in EXAMPLES], inputs=[image, classes, method],
+                            label="Examples (public domain / CC0, see examples/SOURCES.md)", cache_examples=False,
+                            elem_id="examples")
+            with gr.Column(scale=3, min_width=480):
+                with gr.Row():
+                    mask_baseline = gr.Image(label="Baseline", type="numpy", format="png", interactive=False,
+                                             elem_id="mask-baseline")
+                    mask_fsa = gr.Image(label="Baseline + FSA", type="numpy", format="png", interactive=False,
+                                        elem_id="mask-fsa")
+                run_info = gr.Markdown("Pick an image and a vocabulary, then press “Segment”.", label="Summary",
+                                       elem_id="run-info")
+                gr.Markdown("### Clicked patch")
+                with gr.Row():
+                    head = gr.Dropdown(head_choices(app.num_heads), value=MEAN_HEADS, label="Attention head",
+                                       elem_id="head", scale=1)
+                    attn_info = gr.Markdown("Click a point on the image or on a mask to inspect its patch.",
+                                            label="Patch description", elem_id="attn-info")
+                with gr.Row():
+                    attn_original = gr.Image(label="Baseline attention row A₀[i]", type="numpy", format="png",
+                                             interactive=False, elem_id="attn-original")
+                    attn_new = gr.Image(label="A_new[i] (from the output similarity)", type="numpy", format="png",
+                                        interactive=False, elem_id="attn-new")
+                with gr.Row():
+                    attn_adapted = gr.Image(label="Adapted attention A_ens[i]", type="numpy", format="png",
+                                            interactive=False, elem_id="attn-adapted")
+                    attn_similarity = gr.Image(label="Similarity Ŝ[i] (dimmed: pruned)", type="numpy",
+                                               format="png", interactive=False, elem_id="attn-similarity")
+                class_probs = gr.Image(label="Π_i: class distribution after isolation", type="numpy",
+                                       format="png", interactive=False, elem_id="class-probs")
+        with gr.Accordion("Compare all baselines", open=True, elem_id="compare-section"):
+            compare_grid = gr.Image(label="Every baseline, without and with FSA", type="numpy", format="png",
+                                    interactive=False, elem_id="compare-grid")
+            compare_info = gr.Markdown("", label="Compare notes", elem_id="compare-info")
+        # Hidden inputs of the /attention endpoint and triggers of the two API endpoints.
+        with gr.Row(visible=False):
+            query_x = gr.Number(label="x", elem_id="query-x")
+            query_y = gr.Number(label="y", elem_id="query-y")
+            api_segment = gr.Button("api-segment")
+            api_attention = gr.Button("api-attention")
+
+        attention = [attn_original, attn_new, attn_adapted, attn_similarity, class_probs, attn_info]
+        model_job = dict(concurrency_id="model", concurrency_limit=int(os.environ.get("FSA_CONCURRENCY", "1")))
+        run_inputs = [record, image, classes, method, backbone, fsa_on, isolation, pruning, ensemble, lam, p,
+                      short_side, crop, stride, logit_scale, bg_threshold]
+        run.click(wrap(app.run), run_inputs, [mask_baseline, mask_fsa, run_info, record] + attention,
+                  api_visibility="private", show_progress_on=[mask_baseline, mask_fsa], **model_job)
+        compare.click(wrap(app.compare_all), [image, classes, backbone, fsa_on, isolation, pruning, ensemble, lam, p,
+                                              short_side, bg_threshold], [compare_grid, compare_info],
+                      api_name="compare_all", show_progress_on=[compare_grid], **model_job)
+        click_outputs = attention + [head, record]
+        click_job = dict(api_visibility="private", concurrency_limit=4, show_progress_on=[attn_original, attn_adapted])
+        image.select(wrap(app.click_input), [record, head], click_outputs, **click_job)
+        for mask in (mask_baseline, mask_fsa):
+            mask.select(wrap(app.click_mask), [record, head], click_outputs, **click_job)
+        head.input(wrap(app.change_head), [record, head], attention + [head], **click_job)
+        method.change(app.method_defaults, method, [crop, stride, logit_scale], api_visibility="private",
+                      queue=False)
+        backbone.change(app.backbone_defaults, backbone, lam, api_visibility="private", queue=False)
+        api_segment.click(wrap(app.api_segment),
+                          [record, image, classes, method, fsa_on, isolation, pruning, ensemble, lam, p],
+                          [mask_baseline, mask_fsa, run_info, record], api_name="segment", **model_job)
+        api_attention.click(wrap(app.api_attention), [record, image, classes, method, query_x, query_y, head],
+                            attention + [record], api_name="attention", **model_job)
+    demo.queue(max_size=64, default_concurrency_limit=2)
+    return demo
+
+
+def server_options() -> dict:
+    """launch() arguments from GRADIO_SERVER_NAME and GRADIO_SERVER_PORT / PORT."""
+    port = os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT")
+    name = os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if os.environ.get("PORT") else None)
+    return {"server_name": name, "server_port": int(port) if port else None}
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    demo = build_demo(DemoApp())
+    demo.launch(**server_options())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""The named API endpoints through gradio_client, against the app launched in-process (tiny model),
+and `python app.py` started offline without weights (it must start and say what is missing)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+import app as demo_app
+
+REPO = Path(__file__).resolve().parents[1]
+W, H = 96, 64
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    """(DemoApp, url) of one app launched in this process for the whole module."""
+    app = demo_app.DemoApp(short_side=64)
+    demo = demo_app.build_demo(app)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    try:
+        yield app, demo.local_url
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server[1], verbose=False)
+
+
+@pytest.fixture(scope="module")
+def photo_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "coffee_small.png"
+    Image.open(REPO / "examples" / "coffee.jpg").convert("RGB").resize((W, H)).save(path)
+    return str(path)
+
+
+@pytest.fixture
+def compare_calls(server, monkeypatch):
+    seg = server[0].segmenter()
+    calls = []
+    original = seg.compare
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(seg, "compare", counting)
+    return calls
+
+
+def test_api_lists_the_named_endpoints_only(client):
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/segment", "/attention", "/compare_all"} == names
+
+
+def test_segment_returns_both_masks(client, photo_path):
+    baseline, fsa_mask, summary = client.predict(
+        handle_file(photo_path), "cup; mug, table, background", "clearclip", True, True, True, True, 3.0, 0.45,
+        api_name="/segment")
+    for path in (baseline, fsa_mask):
+        mask = np.asarray(Image.open(path))
+        assert mask.shape[1] == W and mask.shape[0] > H  # the picture plus its legend
+    assert "ClearCLIP + FSA" in summary and "patch grid" in summary
+
+
+def test_segment_with_keywords_and_fsa_off(client, photo_path):
+    baseline, fsa_mask, summary = client.predict(image=handle_file(photo_path), vocabulary="cup, table",
+                                                 method="maskclip", fsa_on=False, api_name="/segment")
+    assert Image.open(baseline).size[0] == W and fsa_mask is None and "FSA off" in summary
+
+
+def test_segment_uploaded_16bit_png(client, tmp_path):
+    ramp = (np.linspace(0, 65535, W, dtype=np.float64)[None, :] * np.ones((H, 1))).astype(np.uint16)
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    baseline, fsa_mask, _ = client.predict(handle_file(str(path)), "sky, ground", api_name="/segment")
+    assert Image.open(fsa_mask).size[0] == W
+
+
+def test_attention_maps(client, photo_path):
+    *maps, chart, text = client.predict(handle_file(photo_path), "cup, table", "sclip", 48, 20, "head 2",
+                                              api_name="/attention")
+    assert len(maps) == 4
+    for path in maps:
+        assert Image.open(path).size == (W, H)
+    assert Image.open(chart).size[0] >= 400
+    assert "Query patch" in text and "head 2 of" in text
+
+
+def test_attention_reuses_the_sessions_segment_pass(server, photo_path, compare_calls):
+    client = Client(server[1], verbose=False)  # a fresh session
+    client.predict(handle_file(photo_path), "cup, saucer", "naclip", api_name="/segment")
+    client.predict(handle_file(photo_path), "cup, saucer", "naclip", 10, 10, api_name="/attention")
+    client.predict(handle_file(photo_path), "cup, saucer", "naclip", 80, 60, api_name="/attention")
+    assert len(compare_calls) == 1
+
+
+def test_errors_reach_the_client_as_messages(client, photo_path):
+    with pytest.raises(AppError, match="at least one class name"):
+        client.predict(handle_file(photo_path), "", api_name="/segment")
+    with pytest.raises(AppError, match="listed twice"):
+        client.predict(handle_file(photo_path), "cup, cup", api_name="/segment")
+    with pytest.raises(AppError, match="Upload an image"):
+        client.predict(None, "cup", api_name="/segment")
+
+
+def test_compare_all(client, photo_path):
+    grid, text = client.predict(handle_file(photo_path), "cup, table", api_name="/compare_all")
+    assert Image.open(grid).size[0] == 2 * 256 + 3 * 4 and "baselines" in text
+
+
+# --------------------------------------------------------------------------- python app.py offline
+def _get_json(url: str):
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.load(response)
+
+
+def test_python_app_py_starts_offline_and_says_what_is_missing(tmp_path):
+    """ViT-B/16 by default, no cached weights, HF_HUB_OFFLINE=1: the page must still come up."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("FSA_MODEL", "GRADIO_SERVER_PORT", "FSA_CHECKPOINT")}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), HF_HUB_CACHE=str(tmp_path / "hf" / "hub"),
+               PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", GRADIO_ANALYTICS_ENABLED="False")
+    log = open(tmp_path / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        config = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                config = _get_json(url + "/config")
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert config is not None, f"app.py did not serve on PORT={port}: {(tmp_path / 'app.log').read_text()[-2000:]}"
+        status = next(c["props"]["value"] for c in config["components"] if c["props"].get("elem_id") == "model-status")
+        assert "ViT-B-16" in status and "not available" in status
+        assert "HF_HUB_OFFLINE" in status and "hf download" in status  # what is missing and how to provide it
+        backbone = next(c["props"]["value"] for c in config["components"] if c["props"].get("elem_id") == "backbone")
+        assert backbone == "ViT-B-16"
+        # a segmentation request answers at once with the same explanation
+        client = Client(url, verbose=False)
+        started = time.monotonic()
+        with pytest.raises(AppError, match="weights unavailable"):
+            client.predict(handle_file(str(REPO / "examples" / "coffee.jpg")), "cup", api_name="/segment")
+        assert time.monotonic() - started < 30
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -1,0 +1,290 @@
+"""The page's callbacks (app.DemoApp), called directly with the tiny random model (FSA_MODEL=tiny-test)."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+from PIL import Image
+
+import app as demo_app
+import fsa
+from fsa.config import METHOD_DEFAULTS, METHODS
+from fsa.vocabulary import parse_vocabulary
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = "cup; mug, table, background"
+W, H = 96, 64
+
+
+@pytest.fixture(scope="module")
+def app():
+    return demo_app.DemoApp(short_side=64)
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return Image.open(REPO / "examples" / "coffee.jpg").convert("RGB").resize((W, H))
+
+
+def _fsa_args(fsa_on=True, lam=3.0, p=0.45):
+    return [fsa_on, True, True, True, lam, p]
+
+
+def run(app, image, vocabulary=VOCAB, method="clearclip", fsa_on=True, record=None, crop=None, stride=None):
+    """The Segment button with the page's default fields (progress=None: no Gradio request here)."""
+    d = METHOD_DEFAULTS[method]
+    crop = d.crop if crop is None else crop
+    stride = d.stride if stride is None else stride
+    fn = demo_app.friendly_errors(app.run)
+    return fn(record, image, vocabulary, method, app.default_backbone, *_fsa_args(fsa_on), 64, crop, stride,
+              d.logit_scale, 0.0, progress=None)
+
+
+def select(x, y):
+    return gr.SelectData(None, {"index": [x, y], "value": None})
+
+
+@pytest.fixture(scope="module")
+def first_run(app, photo):
+    return run(app, photo)
+
+
+@pytest.fixture
+def compare_calls(app, monkeypatch):
+    """Counts forward passes (Segmenter.compare) of the app's default segmenter."""
+    seg = app.segmenter()
+    calls = []
+    original = seg.compare
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(seg, "compare", counting)
+    return calls
+
+
+# --------------------------------------------------------------------------- app object
+def test_app_defaults_and_status(app):
+    assert app.default_backbone == fsa.TINY_TEST and app.is_test_model
+    assert "random weights" in app.status_markdown()
+    assert app.weights_error is None
+    assert app.backbone_choices()[0] == fsa.TINY_TEST
+    assert app.num_heads >= 1
+
+
+def test_method_defaults_follow_config():
+    for method in METHODS:
+        d = METHOD_DEFAULTS[method]
+        assert demo_app.DemoApp.method_defaults(method) == (d.crop, d.stride, d.logit_scale)
+    assert demo_app.DemoApp.backbone_defaults("ViT-H-14") == pytest.approx(2.3)
+    assert demo_app.DemoApp.backbone_defaults("ViT-B-16") == pytest.approx(3.0)
+
+
+def test_settings_from_fields(app):
+    s = app.settings("naclip", True, False, True, False, 4.5, 0.3, 320, 0, 112, 30.0, 0.2)
+    assert s.method == "naclip" and s.short_side == 320 and s.crop == 0 and s.stride == 112
+    assert s.logit_scale == 30.0 and s.prob_threshold == pytest.approx(0.2)
+    assert s.feedback == fsa.FeedbackConfig(lam=4.5, p=0.3, isolation=False, pruning=True, ensemble=False)
+    off = app.settings("maskclip", False, True, True, True, 3.0, 0.45)
+    assert off.feedback is None and off.short_side == app.default_short_side and off.crop is None
+
+
+def test_server_options_from_env(monkeypatch):
+    for name in ("GRADIO_SERVER_PORT", "PORT", "GRADIO_SERVER_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    assert demo_app.server_options() == {"server_name": None, "server_port": None}
+    monkeypatch.setenv("PORT", "8123")
+    assert demo_app.server_options() == {"server_name": "0.0.0.0", "server_port": 8123}
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "9001")
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "127.0.0.1")
+    assert demo_app.server_options() == {"server_name": "127.0.0.1", "server_port": 9001}
+
+
+# --------------------------------------------------------------------------- Segment
+def test_run_returns_both_masks_and_summary(first_run):
+    baseline, fsa_mask, summary, record, *cleared = first_run
+    for mask in (baseline, fsa_mask):
+        assert mask.dtype == np.uint8 and mask.shape[1] == W and mask.shape[0] > H  # legend below the picture
+    assert record.fsa is not None and record.baseline.image.shape[:2] == (H, W)
+    assert record.input_size == (W, H)
+    gh, gw = record.fsa.grid
+    assert f"{gh}×{gw}" in summary and "ClearCLIP + FSA" in summary and "timings" in summary
+    assert "random test weights" in summary
+    assert cleared[:5] == [None] * 5 and "Click" in cleared[5]
+    # the picture part of the mask is the class colours over the image
+    colors = demo_app.viz.class_colors(record.fsa.class_names)
+    expected = demo_app.viz.segmentation_panel(record.fsa.image, record.fsa.labels, record.fsa.class_names,
+                                               colors=colors)
+    np.testing.assert_array_equal(fsa_mask[:H], expected)
+
+
+def test_run_with_fsa_off(app, photo):
+    baseline, fsa_mask, summary, record, *_ = run(app, photo, method="maskclip", fsa_on=False)
+    assert baseline.shape[1] == W and fsa_mask is None and record.fsa is None
+    assert "FSA off" in summary
+    with pytest.raises(gr.Error, match="switch FSA on"):
+        app.click_mask(record, demo_app.MEAN_HEADS, select(10, 10))
+
+
+@pytest.mark.parametrize("kind", ["uint16-gray", "rgba", "gray", "palette", "uint16-array"])
+def test_run_accepts_common_image_kinds(app, photo, kind):
+    rgb = np.asarray(photo)
+    if kind == "uint16-gray":
+        image = Image.fromarray(rgb[..., 1].astype(np.uint16) * 257)
+        assert image.mode.startswith("I;16")
+    elif kind == "rgba":
+        image = photo.convert("RGBA")
+    elif kind == "gray":
+        image = photo.convert("L")
+    elif kind == "palette":
+        image = photo.convert("P")
+    else:
+        image = rgb.astype(np.uint16) * 257
+    baseline, fsa_mask, summary, record, *_ = run(app, image, vocabulary="cup, table")
+    assert record.baseline.image.shape == (H, W, 3)
+    assert fsa_mask.shape[1] == W
+    # a 16-bit image must not come out all white (values above 255 clipped)
+    assert record.baseline.image.std() > 5
+
+
+@pytest.mark.parametrize(
+    "image, vocabulary, message",
+    [
+        (None, VOCAB, "Upload an image"),
+        ("photo", "", "at least one class name"),
+        ("photo", " ,; \n", "at least one class name"),
+        ("photo", "cat, dog, cat", "listed twice"),
+    ],
+)
+def test_run_bad_inputs_give_clear_errors(app, photo, image, vocabulary, message):
+    image = photo if image == "photo" else image
+    with pytest.raises(gr.Error, match=message) as info:
+        run(app, image, vocabulary=vocabulary)
+    assert "Traceback" not in str(info.value)
+
+
+def test_unexpected_errors_become_gr_errors_without_traceback():
+    def boom():
+        raise KeyError("internal detail")
+
+    with pytest.raises(gr.Error, match="Unexpected error") as info:
+        demo_app.friendly_errors(boom)()
+    assert "Traceback" not in str(info.value)
+
+    def missing():
+        raise fsa.WeightsUnavailableError("ViT-B-16 CLIP weights are not in the cache; run `hf download ...`")
+
+    with pytest.raises(gr.Error, match="hf download"):
+        demo_app.friendly_errors(missing)()
+
+
+# --------------------------------------------------------------------------- clicked patch
+def test_click_before_any_run_is_a_clear_error(app):
+    for handler in (app.click_mask, app.click_input):
+        with pytest.raises(gr.Error, match="Run a segmentation first"):
+            demo_app.friendly_errors(handler)(None, demo_app.MEAN_HEADS, select(5, 5))
+
+
+def test_click_reuses_the_sessions_forward_pass(app, photo, compare_calls):
+    *_, record = run(app, photo)[:4]
+    assert len(compare_calls) == 1
+    outs = app.click_mask(record, demo_app.MEAN_HEADS, select(W * 0.7, H * 0.4))
+    original, new, adapted, similarity, chart, text, head_update, record2 = outs
+    for img in (original, new, adapted, similarity):
+        assert img.shape == (H, W, 3) and img.dtype == np.uint8
+    assert chart.ndim == 3 and chart.shape[2] == 3
+    assert "Query patch" in text and "mean over heads" in text
+    assert record2.point == pytest.approx((W * 0.7, H * 0.4)) and record2.fsa is record.fsa
+    # the marker is drawn where the query patch is
+    exp = record.fsa.explain(W * 0.7, H * 0.4)
+    y0, x0, y1, x1 = demo_app.viz.patch_box(exp.window, exp.grid, exp.patch, original.shape)
+    assert tuple(original[max(0, y0 - 1), (x0 + x1) // 2]) == demo_app.viz.MARKER_COLOR
+    # clicking again (another point, the input image, another head) runs no network pass
+    app.click_mask(record2, "head 1", select(3, 3))
+    app.click_input(record2, demo_app.MEAN_HEADS, select(W - 1, H - 1))
+    assert len(compare_calls) == 1
+    assert head_update["choices"] == demo_app.head_choices(exp.num_heads)
+
+
+def test_click_on_input_image_scales_to_result_pixels(app, first_run):
+    record = replace(first_run[3], input_size=(2 * W, 2 * H))  # as if the user's image was twice as large
+    *_, new_record = app.click_input(record, demo_app.MEAN_HEADS, select(2 * 10, 2 * 20))
+    assert new_record.point == pytest.approx((10, 20))
+
+
+def test_click_on_legend_or_outside_is_rejected(app, first_run):
+    record = first_run[3]
+    with pytest.raises(gr.Error, match="legend"):
+        app.click_mask(record, demo_app.MEAN_HEADS, select(5, H + 3))
+    with pytest.raises(gr.Error, match="outside"):
+        app.click_input(record, demo_app.MEAN_HEADS, select(W + 5, 3))
+
+
+def test_head_selector_redraws_without_a_run(app, first_run, compare_calls):
+    record = first_run[3]
+    assert app.change_head(record, "head 1") == (gr.skip(),) * 7  # nothing clicked yet
+    *_, clicked = app.click_mask(record, demo_app.MEAN_HEADS, select(W // 2, H // 2))
+    mean_maps = app.change_head(clicked, demo_app.MEAN_HEADS)
+    head_maps = app.change_head(clicked, "head 2")
+    assert not np.array_equal(mean_maps[0], head_maps[0]), "one head's A₀ row should differ from the mean"
+    np.testing.assert_array_equal(mean_maps[1], head_maps[1])  # A_new is shared by all heads
+    assert head_maps[6]["value"] == "head 2"
+    assert compare_calls == []
+    with pytest.raises(gr.Error, match="unknown head"):
+        app.change_head(clicked, "head x")
+
+
+# --------------------------------------------------------------------------- API handlers
+def test_api_attention_runs_once_then_reuses(app, photo, compare_calls):
+    outs = app.api_attention(None, photo, "cup, table", "sclip", 40, 30, demo_app.MEAN_HEADS, progress=None)
+    record = outs[-1]
+    assert len(outs) == 7 and outs[0].shape == (H, W, 3)
+    app.api_attention(record, photo, "cup, table", "sclip", 10, 10, "head 1", progress=None)
+    assert len(compare_calls) == 1
+    app.api_attention(record, photo, "cup, table", "naclip", 10, 10, "head 1", progress=None)  # new method
+    assert len(compare_calls) == 2
+    with pytest.raises(gr.Error, match="x and y"):
+        app.api_attention(record, photo, "cup, table", "naclip", None, 10, None, progress=None)
+
+
+def test_api_segment(app, photo):
+    baseline, fsa_mask, summary, record = app.api_segment(None, photo, "cup, table", "gclip", True, True, False,
+                                                          True, 3.0, 0.45, progress=None)
+    assert baseline.shape[1] == W and fsa_mask.shape[1] == W and "GCLIP" in summary
+    assert record.key[3].feedback.pruning is False
+
+
+# --------------------------------------------------------------------------- compare all
+def test_compare_all_renders_every_baseline(app, photo):
+    grid, text = app.compare_all(photo, "cup, table", None, True, True, True, True, 3.0, 0.45, 64, 0.0,
+                                 progress=None)
+    assert grid.dtype == np.uint8 and grid.shape[1] == 2 * 256 + 3 * 4
+    assert text.startswith(f"{len(METHODS)} baselines")
+    # every row holds two 256-px-wide cells of the 96×64 image (scaled to 256×171), plus labels
+    assert grid.shape[0] > len(METHODS) * 171
+    with pytest.raises(gr.Error, match="Upload an image"):
+        demo_app.friendly_errors(app.compare_all)(None, "cup", None, True, True, True, True, 3.0, 0.45, 64, 0.0,
+                                                  progress=None)
+
+
+def test_examples_exist_with_licences():
+    sources = (REPO / "examples" / "SOURCES.md").read_text()
+    assert len(demo_app.EXAMPLES) >= 5
+    for name, vocabulary, method in demo_app.EXAMPLES:
+        assert (REPO / "examples" / name).is_file(), name
+        assert name in sources, f"{name} has no entry in examples/SOURCES.md"
+        assert method in METHODS and vocabulary.strip()
+        parse_vocabulary(vocabulary)  # the vocabulary parses
+
+
+def test_gpu_function_results_are_picklable(app, photo):
+    """On ZeroGPU the forward pass runs in a forked worker and its result comes back pickled."""
+    import pickle
+
+    settings = app.settings("clearclip", True, True, True, True, 3.0, 0.45)
+    baseline, fsa_result = pickle.loads(pickle.dumps(app._infer_impl(None, photo, "cup, table", settings)))
+    assert fsa_result.explain(10, 10).num_heads >= 1

@@ -1,0 +1,158 @@
+"""fsa.visualize: pure drawing, checked pixel by pixel on small synthetic inputs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fsa import visualize as viz
+
+
+def _image(h=64, w=96, value=100):
+    return np.full((h, w, 3), value, np.uint8)
+
+
+def test_palette_distinct_and_deterministic():
+    for n in (0, 1, 5, 19, 20, 60):
+        colors = viz.palette(n)
+        assert colors.shape == (n, 3) and colors.dtype == np.uint8
+        assert len({tuple(c) for c in colors}) == n, f"duplicate colours in palette({n})"
+    # a longer palette starts with the shorter one: a class keeps its colour when classes are added
+    np.testing.assert_array_equal(viz.palette(30)[:7], viz.palette(7))
+    with pytest.raises(ValueError):
+        viz.palette(-1)
+
+
+def test_class_colors_background_is_grey():
+    colors = viz.class_colors(["cat", "Background", "sky"])
+    assert tuple(colors[1]) == viz.BACKGROUND_COLOR
+    assert tuple(colors[0]) != viz.BACKGROUND_COLOR and tuple(colors[2]) != viz.BACKGROUND_COLOR
+
+
+def test_colorize_maps_each_label_to_its_colour():
+    labels = np.array([[0, 1], [2, 1]])
+    colors = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)
+    out = viz.colorize(labels, 3, colors)
+    assert out.shape == (2, 2, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[0, 0], [255, 0, 0])
+    np.testing.assert_array_equal(out[0, 1], [0, 255, 0])
+    np.testing.assert_array_equal(out[1, 0], [0, 0, 255])
+    with pytest.raises(ValueError):
+        viz.colorize(np.array([[3]]), 3)
+    with pytest.raises(ValueError):
+        viz.colorize(np.zeros((2, 2, 2), int), 3)
+
+
+def test_overlay_blends_with_alpha():
+    img = _image(4, 4, 100)
+    labels = np.zeros((4, 4), int)
+    colors = np.array([[200, 0, 50]], np.uint8)
+    out = viz.overlay(img, labels, 1, alpha=0.5, colors=colors)
+    np.testing.assert_array_equal(out[0, 0], [150, 50, 75])
+    np.testing.assert_array_equal(viz.overlay(img, labels, 1, alpha=0.0, colors=colors), img)
+    # grayscale and RGBA images are accepted, and labels of another size are resized (nearest)
+    assert viz.overlay(np.zeros((8, 6), np.uint8), labels, 1).shape == (8, 6, 3)
+    assert viz.overlay(np.zeros((4, 4, 4), np.uint8), labels, 1).shape == (4, 4, 3)
+
+
+def test_legend_draws_one_swatch_per_class():
+    colors = np.array([[255, 0, 0], [0, 0, 255], [0, 200, 0]], np.uint8)
+    strip = viz.legend(["cat", "dog", "sky ☁"], colors, width=300)
+    assert strip.ndim == 3 and strip.shape[1] == 300 and strip.dtype == np.uint8
+    for c in colors:
+        assert np.all(strip == c, axis=-1).sum() > 20, f"swatch {c} missing"
+    # many classes wrap onto more rows
+    many = viz.legend([f"class {i}" for i in range(30)], viz.palette(30), width=300)
+    assert many.shape[0] > strip.shape[0]
+
+
+def test_with_legend_appends_below():
+    img = _image(50, 120)
+    out = viz.with_legend(img, ["a", "b"], viz.palette(2))
+    assert out.shape[1] == 120 and out.shape[0] > 50
+    np.testing.assert_array_equal(out[:50], img)
+
+
+def test_patch_box_covers_the_window_grid():
+    win = (10, 20, 74, 116)  # y0, x0, y1, x1: 64 × 96 pixels, 4 × 6 patches of 16 px
+    assert viz.patch_box(win, (4, 6), (0, 0), (100, 200)) == (10, 20, 26, 36)
+    assert viz.patch_box(win, (4, 6), (3, 5), (100, 200)) == (58, 100, 74, 116)
+    with pytest.raises(ValueError):
+        viz.patch_box(win, (4, 6), (4, 0), (100, 200))
+
+
+def test_heatmap_overlay_marks_patch_and_dims_outside_window():
+    img = _image(100, 200, 200)
+    grid_map = np.zeros((4, 6), np.float32)
+    grid_map[0:2, 4:6] = 1.0  # a hot 2 × 2 block: bilinear upsampling is exactly 1 at its centre
+    win = (10, 20, 74, 116)
+    out = viz.heatmap_overlay(img, win, grid_map, patch=(2, 1), alpha=0.6)
+    assert out.shape == img.shape and out.dtype == np.uint8
+    # outside the window the image is dimmed, not coloured
+    np.testing.assert_array_equal(out[90, 190], np.round(np.full(3, 200 * viz.DIM_FACTOR)).astype(np.uint8))
+    # the border just outside the query patch (rows 42..58, cols 36..52) has the marker colour
+    y0, x0, y1, x1 = viz.patch_box(win, (4, 6), (2, 1), img.shape)
+    assert (y0, x0, y1, x1) == (42, 36, 58, 52)
+    assert tuple(out[y0 - 1, (x0 + x1) // 2]) == viz.MARKER_COLOR
+    assert tuple(out[y1, (x0 + x1) // 2]) == viz.MARKER_COLOR
+    assert tuple(out[(y0 + y1) // 2, x0 - 1]) == viz.MARKER_COLOR
+    assert tuple(out[(y0 + y1) // 2, x1]) == viz.MARKER_COLOR
+    # ... and the patch itself is not painted over
+    assert tuple(out[(y0 + y1) // 2, (x0 + x1) // 2]) != viz.MARKER_COLOR
+    # the hot block's centre gets the top of the colour map, a cold patch the bottom
+    lut_hi = viz.apply_colormap(np.array([1.0]), vmin=0, vmax=1)[0].astype(float)
+    lut_lo = viz.apply_colormap(np.array([0.0]), vmin=0, vmax=1)[0].astype(float)
+    hot = out[10 + 16, 20 + 5 * 16].astype(float)
+    cold = out[10 + 56, 20 + 8].astype(float)
+    np.testing.assert_allclose(hot, 0.4 * 200 + 0.6 * lut_hi, atol=2)
+    np.testing.assert_allclose(cold, 0.4 * 200 + 0.6 * lut_lo, atol=2)
+    # the colour map never produces the marker colour
+    assert not np.any(np.all(viz.apply_colormap(np.linspace(0, 1, 256)) == viz.MARKER_COLOR, axis=-1))
+
+
+def test_heatmap_overlay_dims_pruned_patches():
+    img = _image(64, 96, 200)
+    grid_map = np.ones((4, 6), np.float32)
+    kept = np.zeros((4, 6), bool)
+    kept[1, 2] = True
+    full = viz.heatmap_overlay(img, (0, 0, 64, 96), grid_map)
+    pruned = viz.heatmap_overlay(img, (0, 0, 64, 96), grid_map, kept=kept)
+    np.testing.assert_array_equal(pruned[16 + 8, 32 + 8], full[16 + 8, 32 + 8])  # kept: unchanged
+    dimmed = full[40, 80].astype(float) * viz.DIM_FACTOR
+    np.testing.assert_allclose(pruned[40, 80].astype(float), dimmed, atol=1)
+    with pytest.raises(ValueError):
+        viz.heatmap_overlay(img, (0, 0, 64, 96), grid_map, kept=np.ones((3, 3), bool))
+
+
+def test_heatmap_overlay_accepts_window_objects_and_constant_maps():
+    class Win:
+        y0, x0, y1, x1 = 0, 0, 32, 32
+
+    out = viz.heatmap_overlay(_image(32, 32), Win(), np.full((2, 2), 0.3, np.float32), patch=(1, 1))
+    assert out.shape == (32, 32, 3)
+    with pytest.raises(ValueError):
+        viz.heatmap_overlay(_image(32, 32), (0, 0, 0, 10), np.ones((2, 2)))
+
+
+def test_class_bar_chart_uses_class_colours():
+    colors = np.array([[230, 25, 75], [0, 130, 200]], np.uint8)
+    chart = viz.class_bar_chart(["cat", "dog"], np.array([0.8, 0.2]), colors)
+    assert chart.ndim == 3 and chart.shape[2] == 3 and chart.dtype == np.uint8
+    assert chart.shape[0] >= 200 and chart.shape[1] >= 400
+    red = np.all(chart == colors[0], axis=-1).sum()
+    blue = np.all(chart == colors[1], axis=-1).sum()
+    assert red > 3 * blue > 0, "bar areas should follow the probabilities"
+    with pytest.raises(ValueError):
+        viz.class_bar_chart(["cat"], np.array([0.5, 0.5]))
+
+
+def test_compare_grid_layout():
+    a, b = _image(40, 60, 10), _image(40, 60, 250)
+    grid = viz.compare_grid([[a, b], [b, a], [a, a]], ["m1", "m2", "m3"], ["baseline", "+ FSA"], cell_width=120,
+                            footer=viz.legend(["x", "y"], viz.palette(2), width=200))
+    assert grid.shape[1] == 2 * 120 + 3 * 4
+    # each cell is resized to 120 × 80, so three rows plus labels are taller than 240
+    assert grid.shape[0] > 3 * 80
+    with pytest.raises(ValueError):
+        viz.compare_grid([[a]], ["m1"], ["baseline", "+ FSA"])
+    with pytest.raises(ValueError):
+        viz.compare_grid([[a, b]], [], ["baseline", "+ FSA"])
