@@ -91,7 +91,8 @@ def ensemble_apply(
 ) -> Tensor:
     """A_ens v = (A_new(A₀v) + A₀(A_new v) + A_new v) / 3 (step 6), never forming A_new A₀.
 
-    Computed as (A_new(A₀v + v) + A₀(A_new v)) / 3: two N×N by N×(H·d) products, not three.
+    Three N×N by N×(H·d) products (A₀v comes from the baseline) instead of N³ matrix products and
+    one N×N matrix per head.
     a_new: (B, N, N); a0: (B, H or 1, M, M) or None for the identity (then A_ens = A_new exactly);
     v: (B, H, M, d); a0_v: A₀ v if already computed. → (B, H, M, d) in float32 or wider.
     """
@@ -99,4 +100,4 @@ def ensemble_apply(
     if a0 is None:
         return new_v
     a0_v = apply_attention(a0, v) if a0_v is None else a0_v.to(new_v.dtype)
-    return (apply_new(a_new, a0_v + v.to(new_v.dtype), cls_token=cls_token) + apply_attention(a0, new_v)) / 3.0
+    return (apply_new(a_new, a0_v, cls_token=cls_token) + apply_attention(a0, new_v) + new_v) / 3.0
