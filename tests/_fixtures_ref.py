@@ -8,7 +8,6 @@ import atexit
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import pytest
 import torch

@@ -394,7 +394,6 @@ def reference_patch_logits(model, pixels: torch.Tensor, text_features: torch.Ten
     with torch.no_grad():
         tokens, gh, gw = embed(visual, pixels)
         B = tokens.shape[0]
-        N = gh * gw
         results, details = [], []
         for bidx in range(B):
             x = tokens[bidx]  # (L, D)

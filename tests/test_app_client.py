@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,28 +16,17 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-import app as demo_app
+from _app_fixtures import count_compare_calls, free_port, launched_app
 
 REPO = Path(__file__).resolve().parents[1]
 W, H = 96, 64
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
     """(DemoApp, url) of one app launched in this process for the whole module."""
-    app = demo_app.DemoApp(short_side=64)
-    demo = demo_app.build_demo(app)
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
-    try:
-        yield app, demo.local_url
-    finally:
-        demo.close()
+    with launched_app() as launched:
+        yield launched
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +43,7 @@ def photo_path(tmp_path_factory):
 
 @pytest.fixture
 def compare_calls(server, monkeypatch):
-    seg = server[0].segmenter()
-    calls = []
-    original = seg.compare
-
-    def counting(*args, **kwargs):
-        calls.append(args[1])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(seg, "compare", counting)
-    return calls
+    return count_compare_calls(server[0], monkeypatch)
 
 
 def test_api_lists_the_named_endpoints_only(client):

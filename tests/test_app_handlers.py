@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import app as demo_app
+from _app_fixtures import count_compare_calls
 import fsa
 from fsa.config import METHOD_DEFAULTS, METHODS
 from fsa.vocabulary import parse_vocabulary
@@ -55,16 +56,7 @@ def first_run(app, photo):
 @pytest.fixture
 def compare_calls(app, monkeypatch):
     """Counts forward passes (Segmenter.compare) of the app's default segmenter."""
-    seg = app.segmenter()
-    calls = []
-    original = seg.compare
-
-    def counting(*args, **kwargs):
-        calls.append(args[1])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(seg, "compare", counting)
-    return calls
+    return count_compare_calls(app, monkeypatch)
 
 
 # --------------------------------------------------------------------------- app object

@@ -6,7 +6,6 @@ the pre-training grid itself (4x4: positional embedding used unchanged).
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -3,7 +3,6 @@ different images and vocabularies, submitted together and interleaved, against o
 from __future__ import annotations
 
 import re
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -12,25 +11,15 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 import app as demo_app
+from _app_fixtures import count_compare_calls, launched_app
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    app = demo_app.DemoApp(short_side=64)
-    demo = demo_app.build_demo(app)
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
-    try:
-        yield app, demo.local_url
-    finally:
-        demo.close()
+    with launched_app() as launched:
+        yield launched
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +41,7 @@ def _best_class(text: str) -> str:
 
 def test_two_sessions_interleaved_get_their_own_results(server, images, monkeypatch):
     app, url = server
-    seg = app.segmenter()
-    calls = []
-    original = seg.compare
-
-    def counting(*args, **kwargs):
-        calls.append(args[1])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(seg, "compare", counting)
+    calls = count_compare_calls(app, monkeypatch)
     clients = {name: Client(url, verbose=False) for name in images}
 
     # both sessions segment at the same time
