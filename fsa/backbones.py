@@ -90,7 +90,7 @@ def resolve_device(device: DeviceLike = None) -> torch.device:
     return dev
 
 
-def compute_dtype(device: torch.device) -> torch.dtype:
+def model_dtype(device: torch.device) -> torch.dtype:
     """fp16 on CUDA (as the published code runs), fp32 elsewhere."""
     return torch.float16 if device.type == "cuda" else torch.float32
 
@@ -225,7 +225,7 @@ def clip_cache_key(name: Optional[str] = None, checkpoint: Optional[str] = None,
     spec = _SPECS[resolve_backbone_name(name)]
     dev = resolve_device(device)
     weights = _checkpoint_path(checkpoint) or spec.tag or "seed0"
-    return f"{spec.name}|{weights}|{dev}|{compute_dtype(dev)}".replace("torch.", "")
+    return f"{spec.name}|{weights}|{dev}|{model_dtype(dev)}".replace("torch.", "")
 
 
 def _weights_error(path: str, spec_name: str, exc: Exception) -> WeightsUnavailableError:
@@ -252,7 +252,7 @@ def load_clip(
     spec = _SPECS[resolve_backbone_name(name)]
     path = _checkpoint_path(checkpoint)
     dev = resolve_device(device)
-    dtype = compute_dtype(dev)
+    dtype = model_dtype(dev)
     key = clip_cache_key(spec.name, path, dev)
     report_progress(progress, 0.0, f"Loading {spec.name}")
 

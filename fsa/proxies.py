@@ -20,7 +20,7 @@ from .backbones import (
     Progress,
     WeightsUnavailableError,
     report_progress,
-    compute_dtype,
+    model_dtype,
     fetch_hub_file,
     resolve_device,
 )
@@ -48,7 +48,7 @@ def proxy_cache_key(name: Optional[str] = None, device: DeviceLike = None) -> st
     """Unique key of the proxy :func:`load_proxy` returns for these arguments."""
     dev = resolve_device(device)
     weights = os.environ.get("FSA_PROXY_CHECKPOINT") or "hub"
-    return f"{resolve_proxy_name(name)}|{weights}|{dev}|{compute_dtype(dev)}".replace("torch.", "")
+    return f"{resolve_proxy_name(name)}|{weights}|{dev}|{model_dtype(dev)}".replace("torch.", "")
 
 
 class ProxyModel:
@@ -141,6 +141,6 @@ def load_proxy(
                 f"could not load {path} as proxy {canonical} ({timm_name}) weights "
                 f"({type(exc).__name__}: {str(exc)[:300]}); delete the file to re-download it or pass the right one"
             ) from exc
-    model = model.to(device=dev, dtype=compute_dtype(dev)).eval().requires_grad_(False)
+    model = model.to(device=dev, dtype=model_dtype(dev)).eval().requires_grad_(False)
     report_progress(progress, 1.0, f"Proxy {canonical} ready")
     return ProxyModel(canonical, model, device=dev, is_test_model=timm_name is None)

@@ -107,8 +107,8 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path):
 
 def test_device_resolution():
     assert backbones.resolve_device("cpu") == torch.device("cpu")
-    assert backbones.compute_dtype(torch.device("cpu")) == torch.float32
-    assert backbones.compute_dtype(torch.device("cuda")) == torch.float16
+    assert backbones.model_dtype(torch.device("cpu")) == torch.float32
+    assert backbones.model_dtype(torch.device("cuda")) == torch.float16
     if not torch.cuda.is_available():
         assert backbones.resolve_device(None) == torch.device("cpu")
         with pytest.raises(ValueError, match="CUDA is not available"):
