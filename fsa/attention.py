@@ -16,11 +16,6 @@ from torch import Tensor
 from .config import MethodOptions, check_method
 from .vision import compute_dtype, softmax_attention
 
-#: Methods whose attention runs over the CLIP tokens (CLS + patches); ProxyCLIP's runs over the
-#: proxy grid's patches only.
-CLS_METHODS = frozenset({"vanilla", "maskclip", "sclip", "clearclip", "naclip", "gclip"})
-
-
 @dataclass
 class BaseAttention:
     """A baseline's last-block attention and the values it mixes.

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones import LoadedClip, ModelCache, resolve_backbone_name
+from .backbones import LoadedClip, ModelCache, resolve_backbone_name, resolve_device
 from .config import TINY_TEST, SegmentSettings
 from .diagnostics import DiagnosticsStore, PatchExplanation
 from .images import limit_size, to_rgb_uint8, working_size
@@ -77,8 +77,7 @@ class Segmenter:
                  text_cache: Optional[TextFeatureCache] = None):
         self.backbone_name = resolve_backbone_name(backbone)
         self.checkpoint = checkpoint
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(device)
         self.proxy_name = TINY_TEST if self.backbone_name == TINY_TEST else proxy
         self.cache = cache if cache is not None else ModelCache()
         self.text_cache = text_cache if text_cache is not None else TextFeatureCache()

@@ -29,11 +29,6 @@ def pretrain_grid(visual: nn.Module) -> tuple[int, int]:
     return side, side
 
 
-def patch_size(visual: nn.Module) -> tuple[int, int]:
-    ph, pw = visual.conv1.kernel_size
-    return int(ph), int(pw)
-
-
 def interpolate_pos_embed(pos: Tensor, g0: tuple[int, int], grid: tuple[int, int]) -> Tensor:
     """Positional embedding for a `gh×gw` grid from the `g0h×g0w` one.
 
