@@ -5,7 +5,7 @@ Nothing here computes; the values are the defaults of method.md (§1-§4).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 #: Last-block variants, in the order the UI lists them.
 METHODS: tuple[str, ...] = ("maskclip", "sclip", "clearclip", "naclip", "proxyclip", "gclip", "vanilla")
@@ -25,24 +25,38 @@ TINY_TEST = "tiny-test"
 PROXIES: tuple[str, ...] = ("dino-b8", "dinov2-b14-reg")
 
 
+#: `MethodDefaults.pad_to` value: pad each window to a multiple of the CLIP patch size.
+PAD_TO_PATCH = "patch"
+
+
 @dataclass(frozen=True)
 class MethodDefaults:
-    """Per-method inference defaults (method.md §1)."""
+    """Per-method inference defaults (method.md §1) and the published code's window rules.
+
+    ``pad_to``: how a sliding window whose side is not a multiple of it is padded (centred, zeros in
+    CLIP-normalised space, the logits cropped back): ``PAD_TO_PATCH`` (ClearCLIP's code, which also
+    implements vanilla and MaskCLIP), 56 (ProxyCLIP's and FSA's code: a multiple of both DINO's 8 and
+    DINOv2's 14), or 0 = no padding (SCLIP's and NACLIP's code: the patch embedding drops the rest).
+    """
 
     crop: int  #: sliding-window crop in pixels of the resized image; 0 = whole image
     stride: int
     logit_scale: float
     residual: bool  #: last block keeps its residual connection
     ffn: bool  #: last block keeps its FFN
+    short_side: int = 448  #: the published default short side of the method's configs
+    pad_to: Union[int, str] = PAD_TO_PATCH
 
 
+# Short sides, crops and strides: the methods' released configs (SCLIP, NACLIP, ProxyCLIP: Resize to
+# (2048, 336); ClearCLIP (2048, 448)); vanilla, MaskCLIP and GCLIP are ours.
 METHOD_DEFAULTS: dict[str, MethodDefaults] = {
     "vanilla": MethodDefaults(448, 224, 40.0, residual=True, ffn=True),
     "maskclip": MethodDefaults(448, 224, 40.0, residual=True, ffn=True),
-    "sclip": MethodDefaults(224, 112, 40.0, residual=True, ffn=True),
+    "sclip": MethodDefaults(224, 112, 40.0, residual=True, ffn=True, short_side=336, pad_to=0),
     "clearclip": MethodDefaults(448, 224, 50.0, residual=False, ffn=False),
-    "naclip": MethodDefaults(224, 112, 40.0, residual=False, ffn=False),
-    "proxyclip": MethodDefaults(336, 112, 40.0, residual=False, ffn=False),
+    "naclip": MethodDefaults(224, 112, 40.0, residual=False, ffn=False, short_side=336, pad_to=0),
+    "proxyclip": MethodDefaults(336, 112, 40.0, residual=False, ffn=False, short_side=336, pad_to=56),
     "gclip": MethodDefaults(448, 224, 40.0, residual=False, ffn=False),
 }
 
@@ -132,19 +146,24 @@ class SegmentSettings:
     method: str = "clearclip"
     #: FSA on top of the method; None = the baseline alone.
     feedback: Optional[FeedbackConfig] = field(default_factory=FeedbackConfig)
-    short_side: int = 448  #: resize so the short side is this many pixels
+    short_side: Optional[int] = None  #: resize so the short side is this many pixels; None = the method's default
     crop: Optional[int] = None  #: None = the method's default; 0 = one pass over the whole image
     stride: Optional[int] = None  #: None = the method's default
     logit_scale: Optional[float] = None  #: None = the method's default
     prob_threshold: float = 0.0  #: pixels whose best probability is below become background
+    #: SCLIP's area rule: non-background classes covering at most this share of the non-background
+    #: prediction are dropped before the final argmax; None = off
+    area_threshold: Optional[float] = None
     window_batch: int = 4  #: windows per forward pass
     options: "MethodOptions" = field(default_factory=lambda: MethodOptions())
     keep_diagnostics: bool = True  #: keep per-window data for `SegmentationResult.explain`
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", check_method(self.method))
-        if self.short_side < 1:
+        if self.short_side is not None and self.short_side < 1:
             raise ValueError("short_side must be a positive number of pixels")
+        if self.area_threshold is not None and not 0.0 <= self.area_threshold < 1.0:
+            raise ValueError("area_threshold must be in [0, 1) or None")
         if self.crop is not None and self.crop < 0:
             raise ValueError("crop must be >= 0 (0 = whole image)")
         if self.stride is not None and self.stride < 1:
@@ -157,6 +176,9 @@ class SegmentSettings:
     @property
     def defaults(self) -> MethodDefaults:
         return METHOD_DEFAULTS[self.method]
+
+    def resolved_short_side(self) -> int:
+        return self.defaults.short_side if self.short_side is None else self.short_side
 
     def resolved_crop(self) -> int:
         return self.defaults.crop if self.crop is None else self.crop

@@ -130,3 +130,29 @@ def working_size(h: int, w: int, short_side: int, *, long_cap: int = 2048, min_s
         raise ValueError("short_side and long_cap must be positive")
     scale = min(short_side / min(h, w), long_cap / max(h, w))
     return max(min_side, math.floor(h * scale + 0.5)), max(min_side, math.floor(w * scale + 0.5))
+
+
+#: CLIP's mean and std on 0-255 pixels as the published configs give them (mmseg's
+#: SegDataPreProcessor in SCLIP, ClearCLIP, NACLIP, ProxyCLIP and FSA): OpenAI's constants ×255, rounded.
+CLIP_PIXEL_MEAN_255 = (122.771, 116.746, 104.094)
+CLIP_PIXEL_STD_255 = (68.501, 66.632, 70.323)
+_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 → (h, w, 3) uint8 with OpenCV's bilinear (mmcv's `imresize`, the published resize).
+
+    No antialiasing when shrinking: that is what the published evaluation feeds the network.
+    """
+    h, w = size
+    if (h, w) == rgb.shape[:2]:
+        return rgb
+    return cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def pixel_stats_255(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std for 0-255 pixels: the published rounded constants for OpenAI's statistics."""
+    if np.allclose(mean, _OPENAI_MEAN, atol=1e-7) and np.allclose(std, _OPENAI_STD, atol=1e-7):
+        return CLIP_PIXEL_MEAN_255, CLIP_PIXEL_STD_255
+    return tuple(255.0 * m for m in mean), tuple(255.0 * s for s in std)

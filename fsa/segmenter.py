@@ -6,17 +6,15 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .backbones import LoadedClip, ModelCache, resolve_backbone_name, resolve_device
 from .config import TINY_TEST, SegmentSettings
 from .diagnostics import DiagnosticsStore, PatchExplanation
-from .images import limit_size, to_rgb_uint8, working_size
-from .logits import FeedbackDetails, compute_patch_logits
-from .sliding import LogitCanvas, Window, resized_row_bands, window_layout
+from .images import limit_size, resize_rgb, to_rgb_uint8, working_size
+from .inference import Decision, clip_pixels, decide, resolve_pad_multiple, window_cosines
+from .sliding import Window
 from .text import TextFeatureCache
-from .vocabulary import Vocabulary, aggregate_synonyms, parse_vocabulary
+from .vocabulary import parse_vocabulary
 
 Progress = Callable[[float, str], None]
 
@@ -26,7 +24,7 @@ class SegmentationResult:
     """One segmentation. Pixel arrays refer to `image` (the input, downscaled only if huge)."""
 
     labels: np.ndarray  #: (H, W) int64 index into class_names
-    probabilities: np.ndarray  #: (C, H, W) float32, per class (maximum over its synonyms)
+    confidence: np.ndarray  #: (H, W) float32, the probability of the chosen class (before the threshold)
     class_names: list[str]
     image: np.ndarray  #: (H, W, 3) uint8
     method: str
@@ -154,40 +152,14 @@ class Segmenter:
 
         t0 = time.perf_counter()
         height, width = rgb.shape[:2]
-        wh, ww = working_size(height, width, settings.short_side, min_side=clip.patch_size)
-        img01 = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None].float() / 255.0
-        img01 = F.interpolate(img01, size=(wh, ww), mode="bilinear", align_corners=False,
-                              antialias=(wh < height or ww < width)).clamp_(0.0, 1.0)
-        mean = torch.tensor(clip.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(clip.std, device=self.device).view(1, 3, 1, 1)
-        pixels = ((img01 - mean) / std).to(clip.dtype)
-        windows = window_layout(wh, ww, settings.resolved_crop(), settings.resolved_stride())
-
-        q = len(vocab.queries)
-        canvases = {"baseline": LogitCanvas(q, wh, ww, device=self.device)}
-        if settings.feedback is not None:
-            canvases["fsa"] = LogitCanvas(q, wh, ww, device=self.device)
+        wh, ww = working_size(height, width, settings.resolved_short_side(), min_side=clip.patch_size)
+        pixels = clip_pixels(resize_rgb(rgb, (wh, ww)), clip.mean, clip.std, device=self.device, dtype=clip.dtype)
         keep = settings.keep_diagnostics and settings.feedback is not None
-        details: list[FeedbackDetails] = []
-        grid = clip_grid = (0, 0)
-        batch = settings.window_batch
-        for start in range(0, len(windows), batch):
-            chunk = windows[start:start + batch]
-            report(0.2 + 0.7 * start / len(windows), f"windows {start + 1}-{start + len(chunk)} of {len(windows)}")
-            crops = torch.cat([pixels[:, :, w.y0:w.y1, w.x0:w.x1] for w in chunk])
-            proxy_feats = None
-            if proxy is not None:
-                proxy_feats = proxy.features(torch.cat([img01[:, :, w.y0:w.y1, w.x0:w.x1] for w in chunk]))
-            out = compute_patch_logits(clip.model, crops, text, settings.method, feedback=settings.feedback,
-                                       proxy_features=proxy_feats, options=settings.options, keep_details=keep)
-            grid = out.grid
-            clip_grid = (crops.shape[-2] // clip.patch_size, crops.shape[-1] // clip.patch_size)
-            for i, win in enumerate(chunk):
-                canvases["baseline"].add(win, out.baseline[i])
-                if out.fsa is not None:
-                    canvases["fsa"].add(win, out.fsa[i])
-                if out.details is not None:
-                    details.append(out.details.select(i))
+        cosines = window_cosines(
+            clip.model, pixels, text, settings.method, feedback=settings.feedback, options=settings.options,
+            crop=settings.resolved_crop(), stride=settings.resolved_stride(),
+            pad_multiple=resolve_pad_multiple(settings.defaults.pad_to, clip.patch_size), proxy=proxy,
+            window_batch=settings.window_batch, keep_details=keep, progress=report, progress_span=(0.2, 0.9))
         timings["windows"] = time.perf_counter() - t0
 
         report(0.92, "probabilities at the original size")
@@ -196,48 +168,28 @@ class Segmenter:
         threshold = settings.prob_threshold
         background = vocab.background_index
         if threshold > 0 and background is None:
-            names.append("background")  # an implicit label with no text query; its channel is 0
+            names.append("background")  # an implicit label with no text query
             background = len(names) - 1
-        scale = settings.resolved_logit_scale()
-        decided = {key: _decide(canvas.mean(), height, width, scale, vocab, len(names), background, threshold)
-                   for key, canvas in canvases.items()}
+        decision = Decision(vocab, settings.resolved_logit_scale(), background=background, prob_threshold=threshold,
+                            area_threshold=settings.area_threshold)
+        decided = {key: decide(cos, (height, width), decision) for key, cos in cosines.maps.items()}
         timings["postprocess"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         report(1.0, "done")
 
         sy, sx = wh / height, ww / width
         common = dict(class_names=names, image=rgb, method=settings.method, backbone=self.backbone_name,
-                      is_test_model=self.is_test_model, grid=grid, clip_grid=clip_grid, working_size=(wh, ww),
-                      windows=[w.scaled(1.0 / sy, 1.0 / sx) for w in windows], timings=timings, notes=notes)
+                      is_test_model=self.is_test_model, grid=cosines.grid, clip_grid=cosines.clip_grid,
+                      working_size=(wh, ww), windows=[w.scaled(1.0 / sy, 1.0 / sx) for w in cosines.windows],
+                      timings=timings, notes=notes)
         results = []
         if want_baseline:
-            labels, probs = decided["baseline"]
-            results.append(SegmentationResult(labels=labels, probabilities=probs, fsa_enabled=False,
+            labels, confidence = decided["baseline"]
+            results.append(SegmentationResult(labels=labels, confidence=confidence, fsa_enabled=False,
                                               **{**common, "timings": dict(timings), "notes": list(notes)}))
         if settings.feedback is not None:
-            labels, probs = decided["fsa"]
-            store = DiagnosticsStore(windows, details, (sy, sx), vocab) if keep else None
-            results.append(SegmentationResult(labels=labels, probabilities=probs, fsa_enabled=True,
+            labels, confidence = decided["fsa"]
+            store = DiagnosticsStore(cosines.windows, cosines.details, (sy, sx), vocab) if keep else None
+            results.append(SegmentationResult(labels=labels, confidence=confidence, fsa_enabled=True,
                                               diagnostics=store, **common))
         return results
-
-
-def _decide(cos: torch.Tensor, height: int, width: int, logit_scale: float, vocab: Vocabulary, num_classes: int,
-            background: Optional[int], threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Mean window cosines (Q, H', W') → labels (H, W) and class probabilities (C, H, W).
-
-    P = softmax_Q(τ·cos) at the original size, maximum over synonyms, argmax, and pixels whose
-    best probability is below the threshold go to the background. Done in bands of rows so that
-    no (Q, H, W) tensor of a large image is ever held.
-    """
-    n_vocab = len(vocab.classes)
-    probs = np.zeros((num_classes, height, width), dtype=np.float32)
-    labels = np.empty((height, width), dtype=np.int64)
-    for y0, y1, band in resized_row_bands(cos.float(), height, width):
-        per_class = aggregate_synonyms((logit_scale * band).softmax(dim=0), vocab, dim=0)  # (C, rows, W)
-        best, idx = per_class.max(dim=0)
-        if threshold > 0 and background is not None:
-            idx = torch.where(best < threshold, torch.full_like(idx, background), idx)
-        probs[:n_vocab, y0:y1] = per_class.cpu().numpy()
-        labels[y0:y1] = idx.cpu().numpy()
-    return labels, probs

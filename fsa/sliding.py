@@ -73,10 +73,13 @@ class LogitCanvas:
         self.sum = torch.zeros(channels, height, width, dtype=dtype, device=device)
         self.count = torch.zeros(1, height, width, dtype=dtype, device=device)
 
-    def add(self, window: Window, grid_map: Tensor) -> None:
-        """grid_map: (K, h, w) on the window's patch grid, bilinearly upsampled to the window."""
-        up = F.interpolate(grid_map[None].to(self.sum.dtype), size=(window.height, window.width), mode="bilinear",
-                           align_corners=False)[0]
+    def add(self, window: Window, grid_map: Tensor, padding: tuple[int, int, int, int] = (0, 0, 0, 0)) -> None:
+        """grid_map: (K, h, w) on the patch grid of the window padded by (left, right, top, bottom):
+        bilinearly upsampled to the padded window, then cropped back to the window."""
+        left, right, top, bottom = padding
+        size = (window.height + top + bottom, window.width + left + right)
+        up = F.interpolate(grid_map[None].to(self.sum.dtype), size=size, mode="bilinear", align_corners=False)[0]
+        up = up[:, top:top + window.height, left:left + window.width]
         self.sum[:, window.y0:window.y1, window.x0:window.x1] += up
         self.count[:, window.y0:window.y1, window.x0:window.x1] += 1
 
