@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m fsa", description="Training-free CLIP segmentation with FSA (ICCV 2025).")
-    commands = parser.add_subparsers(dest="command", metavar="{segment,bench}")
+    commands = parser.add_subparsers(dest="command", metavar="{segment,evaluate,bench}")
     seg = commands.add_parser("segment", help="segment one image into the given classes",
                               description="Segment IMAGE; write a colour mask PNG and print each class's pixel share.")
     seg.add_argument("image", metavar="IMAGE", help="image file (PNG, JPEG, WebP, TIFF, ...)")
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--p", type=float, default=0.45, help="FSA top-p of the pruning (default 0.45)")
     seg.add_argument("--out", default="mask.png", help="colour mask PNG to write (default mask.png)")
     seg.add_argument("-v", "--verbose", action="store_true", help="print loading progress on stderr")
+    commands.add_parser("evaluate", help="score a method with and without FSA on a benchmark "
+                        "(python -m fsa evaluate --help)", add_help=False)
     commands.add_parser("bench", help="time the attention variants (python -m fsa bench --help)", add_help=False)
     return parser
 
@@ -126,12 +128,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv and argv[0] == "evaluate":
+        from .evaluation.cli import main as evaluate_main
+
+        return _guarded(lambda: evaluate_main(argv[1:], parser_class=_Parser))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("choose a command: segment or bench")
+        parser.error("choose a command: segment, evaluate or bench")
+    return _guarded(lambda: _segment(args))
+
+
+def _guarded(run) -> int:
+    """Run a command; every failure becomes one line on stderr, unless FSA_DEBUG is set."""
     try:
-        return _segment(args)
+        return run()
     except KeyboardInterrupt:
         print("fsa: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -1,0 +1,200 @@
+"""`python -m fsa evaluate`: the published protocol on the 8 benchmarks, baseline and FSA in one run.
+
+    python -m fsa evaluate voc21 --data-root ~/data --method proxyclip
+    torchrun --nproc_per_node 4 -m fsa evaluate ade20k --data-root ~/data --method clearclip
+    python -m fsa evaluate --all --data-root ~/data --method sclip
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..config import METHOD_LABELS, METHODS, PROXIES, TINY_TEST
+from .presets import BENCHMARK_ORDER
+
+DEFAULT_OUTPUT = Path("out") / "eval"
+
+
+def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser = parser_class(
+        prog="python -m fsa evaluate",
+        description="Score a method and method + FSA (one forward pass) on a benchmark with the published "
+                    "mmseg protocol: mIoU, aAcc, mAcc. Under torchrun, images are sharded over the processes.")
+    parser.add_argument("benchmark", nargs="?", choices=BENCHMARK_ORDER, metavar="BENCHMARK",
+                        help=f"one of {', '.join(BENCHMARK_ORDER)} (or --all)")
+    parser.add_argument("--all", action="store_true", help="run the 8 benchmarks and print the paper-style table")
+    parser.add_argument("--data-root", required=True, help="folder holding the datasets (see the README's layout)")
+    parser.add_argument("--method", default="proxyclip", choices=METHODS, help="baseline (default proxyclip)")
+    parser.add_argument("--backbone", default=None,
+                        help=f"ViT-B-16, ViT-L-14, ViT-H-14 or {TINY_TEST} (default: $FSA_MODEL or ViT-B-16)")
+    parser.add_argument("--checkpoint", default=None, help="local CLIP weights file")
+    parser.add_argument("--proxy", default="dino-b8", help=f"ProxyCLIP's vision model: {', '.join(PROXIES)}")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--no-fsa", action="store_true", help="score the baseline alone")
+    parser.add_argument("--lam", type=float, default=None, help="FSA λ (default: 3.0; 2.3 for ViT-H-14)")
+    parser.add_argument("--p", type=float, default=0.45, help="FSA top-p of the pruning (default 0.45)")
+    parser.add_argument("--protocol", default="published", choices=("published", "ours"),
+                        help="published: each method's released settings per benchmark (default); "
+                             "ours: fsa.METHOD_DEFAULTS everywhere")
+    parser.add_argument("--short-side", type=int, default=None, help="override the preset's short side")
+    parser.add_argument("--crop", type=int, default=None, help="override the preset's window crop (0 = whole image)")
+    parser.add_argument("--stride", type=int, default=None, help="override the preset's window stride")
+    parser.add_argument("--logit-scale", type=float, default=None, help="override the preset's logit scale")
+    parser.add_argument("--prob-thd", type=float, default=None,
+                        help="override the preset's probability threshold (background benchmarks only)")
+    parser.add_argument("--names", default=None, help="class-name file replacing the shipped one (one line per class)")
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N images")
+    parser.add_argument("--output", default=None,
+                        help=f"folder for per-image records, settings and results (default {DEFAULT_OUTPUT}/...)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from --output's records")
+    parser.add_argument("--save-predictions", default=None,
+                        help="write DIR/baseline/<id>.png and DIR/fsa/<id>.png (label PNGs)")
+    parser.add_argument("--json", default=None, help="write the scores as JSON to this file")
+    parser.add_argument("--skip-bad", action="store_true", help="skip unreadable or inconsistent images and list them")
+    parser.add_argument("-v", "--verbose", action="store_true", help="also print per-class IoU")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None, parser_class=argparse.ArgumentParser) -> int:
+    from ..backbones import resolve_backbone_name
+    from ..config import FeedbackConfig, default_lambda
+    from .records import write_json_atomic
+    from .runner import EvalConfig, Evaluator
+
+    parser = build_parser(parser_class)
+    args = parser.parse_args(argv)
+    if args.all == (args.benchmark is not None):
+        parser.error("name one BENCHMARK or pass --all")
+    backbone = resolve_backbone_name(args.backbone)
+    if not args.no_fsa:  # λ and p checked before any work
+        FeedbackConfig(lam=default_lambda(backbone) if args.lam is None else args.lam, p=args.p)
+    benchmarks = list(BENCHMARK_ORDER) if args.all else [args.benchmark]
+    base_output = Path(args.output) if args.output else DEFAULT_OUTPUT
+    configs = []
+    for bench in benchmarks:
+        tag = f"{bench}-{args.method}-{backbone}"
+        output = base_output / tag if (args.all or not args.output) else base_output
+        save = Path(args.save_predictions) / bench if (args.save_predictions and args.all) else args.save_predictions
+        configs.append(EvalConfig(
+            bench, Path(args.data_root), args.method, backbone=backbone, checkpoint=args.checkpoint, proxy=args.proxy,
+            device=args.device, fsa=not args.no_fsa, lam=args.lam, p=args.p, protocol=args.protocol,
+            short_side=args.short_side, crop=args.crop, stride=args.stride, logit_scale=args.logit_scale,
+            prob_thd=args.prob_thd, names_file=Path(args.names) if args.names else None, limit=args.limit,
+            output=output, resume=args.resume, save_predictions=Path(save) if save else None,
+            skip_bad=args.skip_bad))
+    if args.all:  # every dataset present before hours of work start
+        from . import datasets
+
+        missing = []
+        for config in configs:
+            try:
+                datasets.list_samples(datasets.get_benchmark(config.benchmark), config.data_root)
+            except datasets.DatasetError as exc:
+                missing.append(str(exc).split("\n")[0])
+        if missing:
+            raise FileNotFoundError("--all needs every benchmark; missing: " + " | ".join(missing))
+
+    results = []
+    for config in configs:
+        result = Evaluator(config, progress=not args.no_progress).run()
+        results.append(result)
+        if _is_main():
+            print(format_result(result, verbose=args.verbose))
+            if result.skipped:
+                print(f"skipped {len(result.skipped)} image(s):")
+                for image_id, reason in result.skipped:
+                    print(f"  {image_id}: {reason}")
+    if _is_main():
+        if args.json:
+            data = results[0].to_json() if len(results) == 1 else [r.to_json() for r in results]
+            write_json_atomic(Path(args.json), data)
+        if args.all:
+            table = paper_table(results)
+            print(table)
+            base_output.mkdir(parents=True, exist_ok=True)
+            stem = base_output / f"table-{args.method}-{backbone}"
+            stem.with_suffix(".md").write_text(table + "\n")
+            write_csv(stem.with_suffix(".csv"), results)
+            print(f"table written to {stem}.md and {stem}.csv")
+    return 0
+
+
+def _is_main() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "  n/a" if value is None or math.isnan(value) else f"{value:6.2f}"
+
+
+def format_result(result, *, verbose: bool = False) -> str:
+    """The scores of one evaluation as a small text table."""
+    label = METHOD_LABELS[result.method]
+    sources = sorted({p["source"] for p in result.settings["presets"].values()})
+    lines = [f"{label}{' + FSA' if result.fsa else ''} on {result.benchmark} ({result.backbone}, {result.images} images, "
+             f"{result.settings['protocol']} protocol: {', '.join(sources)}, {result.seconds:.0f} s)"]
+    if result.backbone == TINY_TEST:
+        lines.append(f"note: {TINY_TEST} has random weights; these scores mean nothing")
+    header = f"{'metric':<8} {'baseline':>8}" + (f" {'FSA':>8} {'Δ':>8}" if result.fsa else "")
+    lines.append(header)
+    for name, attr in (("mIoU", "miou"), ("aAcc", "aacc"), ("mAcc", "macc")):
+        base = getattr(result.baseline, attr)
+        row = f"{name:<8} {_fmt(base):>8}"
+        if result.fsa:
+            value = getattr(result.fsa, attr)
+            row += f" {_fmt(value):>8} {_delta(value, base):>8}"
+        lines.append(row)
+    if verbose:
+        width = max(len(n) for n in result.class_names)
+        lines.append(f"{'class':<{width}} {'IoU':>8}" + (f" {'FSA':>8} {'Δ':>8}" if result.fsa else ""))
+        for i, name in enumerate(result.class_names):
+            base = result.baseline.iou[i]
+            row = f"{name:<{width}} {_fmt(base):>8}"
+            if result.fsa:
+                row += f" {_fmt(result.fsa.iou[i]):>8} {_delta(result.fsa.iou[i], base):>8}"
+            lines.append(row)
+    return "\n".join(lines)
+
+
+def _delta(value: float, base: float) -> str:
+    if math.isnan(value) or math.isnan(base):
+        return "n/a"
+    return f"{value - base:+.2f}"
+
+
+def _rows(results):
+    method = results[0].method
+    label = METHOD_LABELS[method]
+    rows = [(label, [r.baseline.miou for r in results])]
+    if all(r.fsa is not None for r in results):
+        rows.append((f"{label} + FSA", [r.fsa.miou for r in results]))
+    return rows
+
+
+def paper_table(results) -> str:
+    """Markdown: rows method and method + FSA, columns the benchmarks and their average (mIoU)."""
+    names = [r.benchmark for r in results]
+    lines = ["| method | " + " | ".join(names) + " | avg |", "|---" * (len(names) + 2) + "|"]
+    for label, values in _rows(results):
+        avg = sum(values) / len(values)
+        lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {avg:.2f} |")
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, results) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method"] + [r.benchmark for r in results] + ["avg"])
+        for label, values in _rows(results):
+            writer.writerow([label] + [f"{v:.2f}" for v in values] + [f"{sum(values) / len(values):.2f}"])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
