@@ -20,6 +20,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageLike = Union[np.ndarray, Image.Image, str, Path]
 
+#: CLIP input normalisation on 0-255 RGB, as the published ProxyCLIP / NACLIP / SCLIP configs give it to
+#: mmseg's SegDataPreProcessor (mean=[122.771, 116.746, 104.094], std=[68.501, 66.632, 70.323]): OpenAI
+#: CLIP's mean/std times 255, rounded to three decimals (so not exactly open_clip's OPENAI_DATASET_*·255).
+CLIP_PIXEL_MEAN_255: tuple[float, float, float] = (122.771, 116.746, 104.094)
+CLIP_PIXEL_STD_255: tuple[float, float, float] = (68.501, 66.632, 70.323)
+
 
 def _unit_float(values: np.ndarray, what: str) -> np.ndarray:
     """Any-dtype array -> float32 in [0, 1] with the module's rules."""
