@@ -138,10 +138,6 @@ def working_size(h: int, w: int, short_side: int, *, long_cap: int = 2048, min_s
     return max(min_side, math.floor(h * scale + 0.5)), max(min_side, math.floor(w * scale + 0.5))
 
 
-#: CLIP's mean and std on 0-255 pixels as the published configs give them (mmseg's
-#: SegDataPreProcessor in SCLIP, ClearCLIP, NACLIP, ProxyCLIP and FSA): OpenAI's constants ×255, rounded.
-CLIP_PIXEL_MEAN_255 = (122.771, 116.746, 104.094)
-CLIP_PIXEL_STD_255 = (68.501, 66.632, 70.323)
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
