@@ -46,6 +46,8 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--logit-scale", type=float, default=None, help="override the preset's logit scale")
     parser.add_argument("--prob-thd", type=float, default=None,
                         help="override the preset's probability threshold (background benchmarks only)")
+    parser.add_argument("--pamr", action="store_true",
+                        help="refine with PAMR (10 iterations, dilations 8 and 16), as NACLIP's numbers with PAMR")
     parser.add_argument("--names", default=None, help="class-name file replacing the shipped one (one line per class)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N images")
     parser.add_argument("--output", default=None,
@@ -86,7 +88,7 @@ def main(argv: Optional[Sequence[str]] = None, parser_class=argparse.ArgumentPar
             short_side=args.short_side, crop=args.crop, stride=args.stride, logit_scale=args.logit_scale,
             prob_thd=args.prob_thd, names_file=Path(args.names) if args.names else None, limit=args.limit,
             output=output, resume=args.resume, save_predictions=Path(save) if save else None,
-            skip_bad=args.skip_bad))
+            skip_bad=args.skip_bad, pamr=args.pamr))
     if args.all:  # every dataset present before hours of work start
         from . import datasets
 

@@ -59,6 +59,9 @@ class EvalConfig:
     resume: bool = False
     save_predictions: Optional[Path] = None
     skip_bad: bool = False
+    #: PAMR (10 iterations, dilations 8 and 16) on the cosines at the original size, as NACLIP's
+    #: published numbers with PAMR use it; the guide is the network's input resized to that size
+    pamr: bool = False
     window_batch: int = 4
 
     def __post_init__(self) -> None:
@@ -144,6 +147,7 @@ class Evaluator:
             "presets": {k: dataclasses.asdict(v) for k, v in presets.items()},
             "feedback": None if feedback is None else dataclasses.asdict(feedback),
             "names": str(c.names_file) if c.names_file else "shipped", "names_sha256": names_digest,
+            "pamr": c.pamr,
         }
 
     # -- the run ----------------------------------------------------------------------------------
@@ -265,7 +269,10 @@ class Evaluator:
                 pad_multiple=resolve_pad_multiple(METHOD_DEFAULTS[c.method].pad_to, clip.patch_size), proxy=proxy,
                 window_batch=c.window_batch)
             for key in keys:
-                labels, _ = decide(cosines.maps[key], (height, width), decisions[key])
+                cos = cosines.maps[key]
+                if c.pamr:
+                    cos = _pamr_refined(cos, pixels, (height, width))
+                labels, _ = decide(cos, (height, width), decisions[key])
                 out[key] = labels.astype(np.uint8)
         return out
 
@@ -278,6 +285,18 @@ class Evaluator:
         if ctx.world > 1:
             label += f" (rank 0 of {ctx.world})"
         return tqdm(total=total, desc=label, unit="img", file=sys.stderr, dynamic_ncols=True)
+
+
+def _pamr_refined(cos, pixels, size: tuple[int, int]):
+    """NACLIP's PAMR step: cosines and the CLIP-normalised input, both resized bilinearly to the original
+    size, the cosines refined by the image's local affinities. (Q, a, b) → (Q, H, W)."""
+    import torch.nn.functional as F
+
+    from ..pamr import pamr
+
+    full = F.interpolate(cos[None].float(), size=size, mode="bilinear", align_corners=False)
+    guide = F.interpolate(pixels.float(), size=size, mode="bilinear", align_corners=False)
+    return pamr(guide, full, iterations=10, dilations=(8, 16))[0]
 
 
 def _save_label_png(path: Path, labels: np.ndarray) -> None:
