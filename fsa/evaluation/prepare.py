@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, TextIO
 
 import numpy as np
 from PIL import Image
@@ -236,8 +236,9 @@ def place_image(src: Path, dst: Path, copy: bool = False) -> None:
         temp.unlink(missing_ok=True)
 
 
-def run(jobs: Sequence[Job], table: LabelTable, copy: bool = False, log=sys.stderr) -> tuple[int, int]:
-    """Convert every job; returns (written, skipped). Progress lines go to ``log``."""
+def run(jobs: Sequence[Job], table: LabelTable, copy: bool = False, log: Optional[TextIO] = None) -> tuple[int, int]:
+    """Convert every job; returns (written, skipped). Progress lines go to ``log`` (default stderr)."""
+    log = sys.stderr if log is None else log
     written = skipped = 0
     step = max(1, len(jobs) // 20)
     for index, job in enumerate(jobs, 1):
