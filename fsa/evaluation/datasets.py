@@ -232,11 +232,11 @@ def list_samples(bench: Benchmark, data_root: PathLike) -> list[Sample]:
                 f"{bench.title}: no *{bench.image_suffix} images under {image_dir}; {layout_hint(bench)}")
         rel_ids = [rel[: -len(bench.image_suffix)] for rel in rel_images]
         images = set(rel_ids)
-        orphans = [label_dir / rel for rel in _scan(label_dir, bench.label_suffix)
-                   if rel[: -len(bench.label_suffix)] not in images]
+        rel_labels = _scan(label_dir, bench.label_suffix)
+        orphans = [label_dir / rel for rel in rel_labels if rel[: -len(bench.label_suffix)] not in images]
         if orphans:
-            raise _missing_error(bench, orphans, len(orphans) + len(rel_ids), "labels have no image",
-                                 f"expected images at {image_dir}/<id>{bench.image_suffix}")
+            raise _missing_error(bench, orphans, len(rel_labels), "labels have no image",
+                                 f"expected images at {image_dir}/{bench.id_path}{bench.image_suffix}")
 
     samples = [Sample(rel.rsplit("/", 1)[-1], image_dir / f"{rel}{bench.image_suffix}",
                       label_dir / f"{rel}{bench.label_suffix}") for rel in rel_ids]
@@ -246,7 +246,7 @@ def list_samples(bench: Benchmark, data_root: PathLike) -> list[Sample]:
     no_label = [s.label for s in samples if not s.label.is_file()]
     if no_label:
         raise _missing_error(bench, no_label, len(samples), "images have no label",
-                             f"expected labels at {label_dir}/<id>{bench.label_suffix}")
+                             f"expected labels at {label_dir}/{bench.id_path}{bench.label_suffix}")
     return samples
 
 

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, TextIO
 
 import numpy as np
 from PIL import Image
@@ -71,12 +71,14 @@ COCO_OBJECT_TABLE = _table(
 # mmseg draws *_gtFine_labelTrainIds.png from the polygons with the same table (json2labelImg,
 # 'trainIds'); mapping the official *_gtFine_labelIds.png, drawn from the same polygons, gives the same map.
 CITYSCAPES_TRAIN_IDS = (
-    255, 255, 255, 255, 255, 255, 255,  # 0 unlabeled, ego vehicle, rectification border, out of roi, static, dynamic, ground
+    # 0 unlabeled, 1 ego vehicle, 2 rectification border, 3 out of roi, 4 static, 5 dynamic, 6 ground
+    255, 255, 255, 255, 255, 255, 255,
     0, 1, 255, 255,  # 7 road, 8 sidewalk, 9 parking, 10 rail track
     2, 3, 4, 255, 255, 255,  # 11 building, 12 wall, 13 fence, 14 guard rail, 15 bridge, 16 tunnel
     5, 255, 6, 7,  # 17 pole, 18 polegroup, 19 traffic light, 20 traffic sign
     8, 9, 10, 11, 12,  # 21 vegetation, 22 terrain, 23 sky, 24 person, 25 rider
-    13, 14, 15, 255, 255, 16, 17, 18,  # 26 car, 27 truck, 28 bus, 29 caravan, 30 trailer, 31 train, 32 motorcycle, 33 bicycle
+    # 26 car, 27 truck, 28 bus, 29 caravan, 30 trailer, 31 train, 32 motorcycle, 33 bicycle
+    13, 14, 15, 255, 255, 16, 17, 18,
 )
 CITYSCAPES_TABLE = _table(
     "cityscapes", dict(enumerate(CITYSCAPES_TRAIN_IDS)),
@@ -158,7 +160,8 @@ def plan_coco(bench: Benchmark, src: Path, dst: Path, images: Optional[Path] = N
         raise DatasetError(f"no raw *.png label maps in {label_dir}; {fix}")
     out = dst / bench.folder
     jobs = [Job(path, out / bench.label_dir / f"{path.stem}{bench.label_suffix}",
-                image_dir / f"{path.stem}{bench.image_suffix}", out / bench.image_dir / f"{path.stem}{bench.image_suffix}")
+                image_dir / f"{path.stem}{bench.image_suffix}",
+                out / bench.image_dir / f"{path.stem}{bench.image_suffix}")
             for path in raw]
     _check_missing(jobs, image_dir)
     return jobs
@@ -236,8 +239,9 @@ def place_image(src: Path, dst: Path, copy: bool = False) -> None:
         temp.unlink(missing_ok=True)
 
 
-def run(jobs: Sequence[Job], table: LabelTable, copy: bool = False, log=sys.stderr) -> tuple[int, int]:
-    """Convert every job; returns (written, skipped). Progress lines go to ``log``."""
+def run(jobs: Sequence[Job], table: LabelTable, copy: bool = False, log: Optional[TextIO] = None) -> tuple[int, int]:
+    """Convert every job; returns (written, skipped). Progress lines go to ``log`` (default stderr)."""
+    log = sys.stderr if log is None else log
     written = skipped = 0
     step = max(1, len(jobs) // 20)
     for index, job in enumerate(jobs, 1):
