@@ -10,6 +10,7 @@ from .config import (
     MethodDefaults, MethodOptions, SegmentSettings, default_lambda,
 )
 from .diagnostics import PatchExplanation
+from .evaluation import EvalConfig, EvaluationResult, Evaluator, evaluate
 from .logits import compute_patch_logits, patch_logits
 from .segmenter import ComparisonResult, SegmentationResult, Segmenter
 from .sliding import Window
@@ -17,8 +18,8 @@ from .vocabulary import Vocabulary, parse_vocabulary
 
 __all__ = [
     "BACKBONES", "METHODS", "METHOD_DEFAULTS", "METHOD_LABELS", "PROXIES", "TINY_TEST", "ComparisonResult",
-    "FeedbackConfig", "GClipConfig", "LoadedClip", "MethodDefaults", "MethodOptions", "ModelCache",
+    "EvalConfig", "EvaluationResult", "Evaluator", "FeedbackConfig", "GClipConfig", "LoadedClip", "MethodDefaults", "MethodOptions", "ModelCache",
     "PatchExplanation", "SegmentSettings", "SegmentationResult", "Segmenter", "Vocabulary",
-    "WeightsUnavailableError", "Window", "compute_patch_logits", "default_lambda", "load_clip",
+    "WeightsUnavailableError", "Window", "compute_patch_logits", "default_lambda", "evaluate", "load_clip",
     "parse_vocabulary", "patch_logits",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``python -m fsa segment IMAGE --classes "cat; kitten, sofa"`` and ``python -m fsa bench``.
+"""Command line: ``python -m fsa segment IMAGE --classes "cat; kitten, sofa"``, ``evaluate``, ``prepare``, ``bench``.
 
 Failures print one line on stderr (the problem and the fix) and exit non-zero; set FSA_DEBUG=1
 for the traceback.
@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m fsa", description="Training-free CLIP segmentation with FSA (ICCV 2025).")
-    commands = parser.add_subparsers(dest="command", metavar="{segment,evaluate,bench}")
+    commands = parser.add_subparsers(dest="command", metavar="{segment,evaluate,prepare,bench}")
     seg = commands.add_parser("segment", help="segment one image into the given classes",
                               description="Segment IMAGE; write a colour mask PNG and print each class's pixel share.")
     seg.add_argument("image", metavar="IMAGE", help="image file (PNG, JPEG, WebP, TIFF, ...)")
@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("-v", "--verbose", action="store_true", help="print loading progress on stderr")
     commands.add_parser("evaluate", help="score a method with and without FSA on a benchmark "
                         "(python -m fsa evaluate --help)", add_help=False)
+    commands.add_parser("prepare", help="convert raw COCO / Cityscapes labels to the evaluation layout "
+                        "(python -m fsa prepare --help)", add_help=False)
     commands.add_parser("bench", help="time the attention variants (python -m fsa bench --help)", add_help=False)
     return parser
 
@@ -132,10 +134,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .evaluation.cli import main as evaluate_main
 
         return _guarded(lambda: evaluate_main(argv[1:], parser_class=_Parser))
+    if argv and argv[0] == "prepare":
+        from .evaluation.prepare import main as prepare_main
+
+        return prepare_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("choose a command: segment, evaluate or bench")
+        parser.error("choose a command: segment, evaluate, prepare or bench")
     return _guarded(lambda: _segment(args))
 
 

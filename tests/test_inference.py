@@ -135,3 +135,15 @@ def test_decide_bands_do_not_change_the_answer(monkeypatch):
     monkeypatch.setattr(inference, "resized_row_bands", lambda m, h, w: real(m, h, w, max_elements=4 * 70 * 3))
     banded = decide(cos, (50, 70), Decision(vocab, 50.0, area_threshold=0.2))
     assert np.array_equal(whole[0], banded[0]) and np.allclose(whole[1], banded[1])
+
+
+def test_a_name_in_two_classes_ties_to_the_first_class():
+    """The published COCO-Object file lists `bed` among the background prompts and as a class: the two
+    identical queries tie, the first class wins (argmax takes the first maximum), as published."""
+    torch.manual_seed(4)
+    cos = torch.randn(4, 6, 6) * 0.1
+    cos[1] += 1.0  # `bed` wins everywhere
+    cos[3] = cos[1]  # the same name, the same text feature, the same cosines
+    vocab = Vocabulary((("sky", "bed"), ("cat",), ("bed",)))
+    labels, _ = decide(cos, (12, 12), Decision(vocab, 40.0))
+    assert (labels == 0).all()

@@ -161,7 +161,7 @@ class Evaluator:
             samples = samples[:c.limit]
         names = datasets.class_lines(self.bench, c.names_file)
         vocab = Vocabulary(tuple(tuple(n) for n in names))
-        class_names = [n[0] for n in names]
+        class_names = datasets.class_names(self.bench, c.names_file)
         presets = resolve_presets(c)
 
         ctx = DistContext.from_env(c.device)

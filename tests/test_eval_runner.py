@@ -1,0 +1,180 @@
+"""The evaluation harness end to end on generated datasets and the tiny model."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import fsa
+from fsa.evaluation import datasets
+from fsa.evaluation.records import RecordError
+from fsa.evaluation.runner import EvalConfig, Evaluator, evaluate
+from tests._eval_data import make_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = ((75, 100), (67, 100), (56, 83), (90, 61))
+FAST = dict(backbone="tiny-test", short_side=64, progress=False)
+
+
+@pytest.fixture(scope="module")
+def cache():
+    return fsa.ModelCache()
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    truth = make_dataset(root, "voc21", n=4, sizes=SIZES, seed=1)
+    make_dataset(root, "voc20", n=4, sizes=SIZES, seed=1)  # the same files: voc20 reads them reduced
+    return root, truth
+
+
+def _same(a, b) -> bool:
+    """Scores equal field by field, NaN equal to NaN (classes absent everywhere)."""
+    return all(np.array_equal(np.asarray(getattr(a, f)), np.asarray(getattr(b, f)), equal_nan=True)
+               for f in ("miou", "aacc", "macc", "iou", "acc"))
+
+
+def _confusion_miou(preds, labels, c):
+    m = np.zeros((c, c), dtype=np.int64)
+    for p, t in zip(preds, labels):
+        valid = t != 255
+        np.add.at(m, (t[valid].astype(int), p[valid].astype(int)), 1)
+    inter = np.diag(m).astype(float)
+    union = m.sum(0) + m.sum(1) - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return float(np.nanmean(inter / union) * 100)
+
+
+@pytest.mark.parametrize("method", ["clearclip", "sclip", "proxyclip"])
+def test_saved_predictions_rescored_give_the_reported_numbers(voc, tmp_path, cache, method):
+    root, truth = voc
+    res = evaluate("voc21", root, method, save_predictions=tmp_path / "pred", output=tmp_path / "out", cache=cache,
+                   **FAST)
+    assert res.images == 4 and res.fsa is not None
+    for key, scores in (("baseline", res.baseline), ("fsa", res.fsa)):
+        preds = [np.array(Image.open(tmp_path / "pred" / key / f"{i}.png")) for i, _ in truth]
+        assert all(p.shape == t.shape for p, (_, t) in zip(preds, truth))  # original size, single channel
+        assert scores.miou == pytest.approx(_confusion_miou(preds, [t for _, t in truth], 21), abs=1e-9)
+    saved = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert saved["images"] == 4 and saved["baseline"]["mIoU"] == round(res.baseline.miou, 2)
+    assert set(saved["fsa"]["per_class"]) == set(datasets.class_names(datasets.get_benchmark("voc21")))
+
+
+def test_predictions_are_the_segmenters(voc, tmp_path, cache):
+    """One pipeline: the harness labels equal `Segmenter.compare` on the same image and settings."""
+    root, truth = voc
+    evaluate("voc20", root, "clearclip", save_predictions=tmp_path, cache=cache, **FAST)
+    names = datasets.class_lines(datasets.get_benchmark("voc20"))
+    seg = fsa.Segmenter("tiny-test", cache=cache)
+    sample = datasets.list_samples(datasets.get_benchmark("voc20"), root)[0]
+    rgb = datasets.read_image(sample.image)
+    pair = seg.compare(rgb, ["; ".join(n) for n in names],
+                       fsa.SegmentSettings(method="clearclip", short_side=64, crop=448, stride=224, logit_scale=50.0))
+    assert np.array_equal(np.array(Image.open(tmp_path / "baseline" / f"{sample.id}.png")), pair.baseline.labels)
+    assert np.array_equal(np.array(Image.open(tmp_path / "fsa" / f"{sample.id}.png")), pair.fsa.labels)
+
+
+def test_probability_threshold_only_where_there_is_a_background(voc, cache):
+    root, _ = voc
+    plain = evaluate("voc20", root, "clearclip", cache=cache, fsa=False, **FAST)
+    thresholded = evaluate("voc20", root, "clearclip", cache=cache, fsa=False, prob_thd=0.99, **FAST)
+    assert _same(thresholded.baseline, plain.baseline)  # voc20 has no background class
+    voc21 = evaluate("voc21", root, "clearclip", cache=cache, fsa=False, prob_thd=0.99, **FAST)
+    # the tiny model is never 99 % sure: every pixel becomes background (0), so only class 0 has area
+    assert voc21.baseline.iou[1:] == tuple(0.0 if not np.isnan(v) else v for v in voc21.baseline.iou[1:])
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(voc, tmp_path, cache, monkeypatch):
+    root, _ = voc
+    full = evaluate("voc21", root, "naclip", cache=cache, **FAST)
+
+    def stop_after_two(done, total, image_id):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate("voc21", root, "naclip", cache=cache, output=tmp_path, on_image=stop_after_two, **FAST)
+    part = next((tmp_path / "records").glob("*.jsonl"))
+    assert len(part.read_text().splitlines()) == 2
+    with open(part, "a") as handle:
+        handle.write('{"id": "torn by a kill", "baseline": [[1, 2')  # a write cut short
+    computed = []
+    real = Evaluator.predict
+
+    def counting(self, rgb, *args):
+        computed.append(rgb.shape)
+        return real(self, rgb, *args)
+
+    monkeypatch.setattr(Evaluator, "predict", counting)
+    resumed = evaluate("voc21", root, "naclip", cache=cache, output=tmp_path, resume=True, **FAST)
+    assert len(computed) == 2  # only the two images the killed run had not scored
+    assert _same(resumed.baseline, full.baseline) and _same(resumed.fsa, full.fsa) and resumed.images == 4
+    with pytest.raises(RecordError, match="other settings"):
+        evaluate("voc21", root, "naclip", cache=cache, output=tmp_path, resume=True, p=0.3, **FAST)
+
+
+def test_bad_data_stops_with_the_file_name_or_is_skipped(tmp_path, cache):
+    truth = make_dataset(tmp_path, "voc21", n=4, sizes=SIZES, seed=2)
+    bench = datasets.get_benchmark("voc21")
+    samples = datasets.list_samples(bench, tmp_path)
+    samples[1].image.write_bytes(b"not a jpeg at all")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(samples[2].label)  # another size than its image
+    with pytest.raises(datasets.DatasetError, match=samples[1].image.name):
+        evaluate("voc21", tmp_path, "clearclip", cache=cache, **FAST)
+    res = evaluate("voc21", tmp_path, "clearclip", cache=cache, skip_bad=True, output=tmp_path / "out", **FAST)
+    assert res.images == 2
+    assert [i for i, _ in res.skipped] == sorted([samples[1].id, samples[2].id])
+    assert "skipped" in json.loads((tmp_path / "out" / "result.json").read_text())
+
+
+def test_missing_data_names_the_expected_path(tmp_path):
+    with pytest.raises(datasets.DatasetError, match="VOC2012"):
+        evaluate("voc21", tmp_path, "clearclip", **FAST)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(args, env=None, torchrun=0):
+    env = {**os.environ, "FSA_MODEL": "tiny-test", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    prefix = [sys.executable, "-m", "fsa"] if not torchrun else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", f"--master_port={_free_port()}",
+        "-m", "fsa"]
+    return subprocess.run(prefix + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_gloo_processes_under_torchrun_equal_one_process(voc, tmp_path):
+    root, _ = voc
+    common = ["evaluate", "voc21", "--data-root", str(root), "--method", "clearclip", "--short-side", "64",
+              "--no-progress"]
+    one = _cli(common + ["--json", str(tmp_path / "one.json"), "--output", str(tmp_path / "o1")])
+    assert one.returncode == 0, one.stderr
+    assert "mIoU" in one.stdout and "random weights" in one.stdout
+    two = _cli(common + ["--json", str(tmp_path / "two.json"), "--output", str(tmp_path / "o2")], torchrun=2)
+    assert two.returncode == 0, two.stderr
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert a == b and a["images"] == 4
+    parts = sorted(p.name for p in (tmp_path / "o2" / "records").glob("*.jsonl"))
+    assert parts == ["part-0-of-2.jsonl", "part-1-of-2.jsonl"]  # each rank scored its own shard
+    lines = [json.loads(l)["id"] for p in parts for l in (tmp_path / "o2" / "records" / p).read_text().splitlines()]
+    assert sorted(lines) == sorted(i for i, _ in voc[1])  # every image exactly once
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    out = _cli(["evaluate", "voc21", "--data-root", str(tmp_path), "--method", "clearclip"])
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "VOC2012" in out.stderr
+    out = _cli(["evaluate", "--all", "--data-root", str(tmp_path)])
+    assert out.returncode == 1 and "missing" in out.stderr and "ade" in out.stderr.lower()
+    out = _cli(["evaluate", "voc21", "--data-root", str(tmp_path), "--lam", "nan"])
+    assert out.returncode == 1
+    out = _cli(["evaluate", "--data-root", str(tmp_path)])
+    assert out.returncode == 2 and "BENCHMARK" in out.stderr
