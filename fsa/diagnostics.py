@@ -100,8 +100,7 @@ def _steps_of(d: FeedbackDetails) -> list[FeedbackStep]:
 
 def _block_a0(d: FeedbackDetails, step: FeedbackStep, block: int, baseline_a0: Optional[Tensor]):
     """(A₀ of `block` in this pass, (H or 1, M, M) or None, and whether token 0 is CLS)."""
-    depth = d.depth or block
-    if block < depth:
+    if block < d.depth:
         q, k = step.block_qk[block]
         return softmax_attention(q, k)[0], True
     if block not in step.block_qk:  # the last block saw the baseline's tokens
@@ -178,7 +177,10 @@ class DiagnosticsStore:
                 sim = output_similarity(step.pi, cfg.eps, cfg.similarity)
                 keep = prune_top_p(sim, cfg.p) if cfg.pruning else None
                 a_new = adapted_attention(sim, keep, cfg.lam)
-                blocks = {b: _block_a0(d, step, b, a0) for b in d.adapted_blocks()} if d.depth else {0: (a0, d.cls_token)}
+                if d.depth:
+                    blocks = {b: _block_a0(d, step, b, a0) for b in d.adapted_blocks()}
+                else:  # details without the tower's depth: the last block, the paper's setting
+                    blocks = {0: (a0, d.cls_token)}
                 steps.append(_StepMatrices(a_new[0], sim[0], None if keep is None else keep[0], blocks))
             mats = _WindowMatrices(a0, steps)
             self._cached = (index, mats)
