@@ -256,7 +256,10 @@ def compute_patch_logits(
 
     The baseline's own output is FSA's feedback signal (Z), so the pair costs one network pass
     (plus one last block per further iteration, or blocks b₀..L per pass when `feedback.blocks`
-    starts at b₀ < L: see the module docstring).
+    starts at b₀ < L). Every pass t adapts with Π from pass t−1's output (the baseline's for t = 1),
+    U computed once, and A_ens with the baseline's A₀ (the re-run's A₀ in re-run blocks): see the
+    module docstring. Raises ValueError for blocks outside the tower, or other than the last for
+    proxyclip.
     pixels: (B, 3, H, W) normalised in the model's dtype; text_features: (K, E) L2-normalised.
     """
     method = check_method(method)

@@ -1,7 +1,8 @@
 """The CLIP vision tower, taken apart so the last block can be swapped (method.md §1, §2).
 
 Blocks 1..L-1 run as open_clip defines them; the last block is split into its parts
-(`last_block_qkv`, `finish_last_block`) so that the attention in between can be any matrix.
+(`block_qkv`, `finish_last_block`) so that the attention in between can be any matrix, and
+`finish_block` does the same for an earlier block (FSA fed back into it, `FeedbackConfig.blocks`).
 """
 from __future__ import annotations
 
