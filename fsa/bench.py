@@ -205,6 +205,48 @@ def bench_proxyclip(model, device, dtype, repeats: int, k: int = 171, proxy_grid
     return rows
 
 
+def _pair_row(case: str, base: Callable[[], object], fsa: Callable[[], object], device, repeats: int,
+              note: str = "") -> Row:
+    tb, tf = time_pair(base, fsa, device, repeats)
+    extra = peak_of(fsa, device) - peak_of(base, device)
+    return Row(case, _fmt_s(tb), _fmt_s(tf), f"{tf / tb:.3f}", "", f"{extra:.0f}", note)
+
+
+def bench_switches(model, device, dtype, repeats: int, k: int = 20, size: int = 448, proxy_k: int = 171,
+                   proxy_grid: int = 42, crop: int = 336) -> list[Row]:
+    """(d) FeedbackConfig's switches beyond the paper, each against the same baseline.
+
+    ClearCLIP size×size with K classes: iterations=2, sym_kl, js, feedback into the last two
+    blocks; and js on ProxyCLIP's large proxy grid, where its loop over the classes costs most.
+    """
+    g = torch.Generator().manual_seed(3)
+    pixels = torch.randn(1, 3, size, size, generator=g).to(device=device, dtype=dtype)
+    text = F.normalize(torch.randn(k, model.visual.output_dim, generator=g), dim=-1).to(device=device, dtype=dtype)
+    depth = len(model.visual.transformer.resblocks)
+    n = (size // int(model.visual.conv1.kernel_size[0])) ** 2
+    base = lambda: compute_patch_logits(model, pixels, text, "clearclip")  # noqa: E731
+    rows = []
+    for label, cfg, note in [
+        ("iterations=2", FeedbackConfig(iterations=2), "one more last block + feedback step"),
+        ("similarity=sym_kl", FeedbackConfig(similarity="sym_kl"), ""),
+        ("similarity=js", FeedbackConfig(similarity="js"), "loop over class chunks, N×N each"),
+        (f"blocks=({depth - 1}, {depth})", FeedbackConfig(blocks=(depth - 1, depth)), "re-runs the last two blocks"),
+    ]:
+        fsa = lambda cfg=cfg: compute_patch_logits(model, pixels, text, "clearclip", feedback=cfg)  # noqa: E731
+        rows.append(_pair_row(f"(d) ClearCLIP {size}×{size} (N={n}), K={k}, FSA {label}", base, fsa, device,
+                              repeats, note))
+    pixels = torch.randn(1, 3, crop, crop, generator=g).to(device=device, dtype=dtype)
+    text = F.normalize(torch.randn(proxy_k, model.visual.output_dim, generator=g), dim=-1).to(device=device,
+                                                                                             dtype=dtype)
+    proxy = torch.randn(1, 768, proxy_grid, proxy_grid, generator=g).to(device=device, dtype=dtype)
+    cfg = FeedbackConfig(similarity="js")
+    base = lambda: compute_patch_logits(model, pixels, text, "proxyclip", proxy_features=proxy)  # noqa: E731
+    fsa = lambda: compute_patch_logits(model, pixels, text, "proxyclip", feedback=cfg, proxy_features=proxy)  # noqa
+    rows.append(_pair_row(f"(d) ProxyCLIP N={proxy_grid * proxy_grid}, K={proxy_k}, FSA similarity=js", base, fsa,
+                          device, repeats, "proxy features given"))
+    return rows
+
+
 def _proxy_forward_time(device, dtype, crop: int, repeats: int) -> float:
     import timm
 
@@ -279,11 +321,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows = [bench_clearclip(model, device, dtype, 1, k=4, size=64)]
         rows += bench_proxyclip(model, device, dtype, 1, k=5, proxy_grid=6, crop=64, proxy_model=False)
         rows.append(bench_second_point(model, device, dtype, size=64))
+        rows += bench_switches(model, device, dtype, 1, k=4, size=64, proxy_k=5, proxy_grid=6, crop=64)
     else:
         model = random_clip(args.arch, device, dtype)
         rows = [bench_clearclip(model, device, dtype, args.repeats)]
         rows += bench_proxyclip(model, device, dtype, args.repeats, proxy_model=not args.no_proxy_model)
         rows.append(bench_second_point(model, device, dtype))
+        rows += bench_switches(model, device, dtype, args.repeats)
     print(f"FSA benchmark, {args.arch if not args.quick else 'tiny-test'} with random weights; {machine_line(device)}")
     print(format_table(rows))
     return 0

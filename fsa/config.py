@@ -4,6 +4,7 @@ Nothing here computes; the values are the defaults of method.md (§1-§4).
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -69,6 +70,10 @@ def check_method(method: str) -> str:
     return name
 
 
+#: Output-similarity forms of FeedbackConfig.similarity (fsa.feedback.output_similarity).
+SIMILARITIES: tuple[str, ...] = ("kl", "sym_kl", "js")
+
+
 @dataclass(frozen=True)
 class FeedbackConfig:
     """FSA settings (method.md §3). Each component is a switch."""
@@ -81,8 +86,34 @@ class FeedbackConfig:
     feedback_scale: float = 20.0  #: scale of the feedback logits Z
     isolation_scale: float = 35.0  #: scale of the uniform-attention logits U
     eps: float = 1e-10  #: ε in G = log(Π + ε)
+    #: Ŝ from "kl" (the paper: 1/(1 + KL_ij)), "sym_kl" (1/(1 + ½(KL_ij + KL_ji))) or "js" (1/(1 + JS_ij))
+    similarity: str = "kl"
+    iterations: int = 1  #: feedback passes; pass t adapts with Π of pass t−1's output (the baseline's for t = 1)
+    #: 1-based blocks that receive the adapted attention; None = the last block only (the paper)
+    blocks: Optional[tuple[int, ...]] = None
+
+    def _check_switches(self) -> None:
+        """Validate similarity, iterations and blocks; blocks becomes a sorted tuple."""
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"FeedbackConfig.similarity must be one of {', '.join(SIMILARITIES)}, "
+                             f"got {self.similarity!r}")
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, numbers.Integral) \
+                or self.iterations < 1:
+            raise ValueError(f"FeedbackConfig.iterations must be an integer >= 1, got {self.iterations!r}")
+        object.__setattr__(self, "iterations", int(self.iterations))
+        if self.blocks is not None:
+            try:
+                blocks = tuple(self.blocks) if not isinstance(self.blocks, str) else (self.blocks,)
+            except TypeError:  # a single number
+                blocks = (self.blocks,)
+            bad = [b for b in blocks if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1]
+            if not blocks or bad or len(set(blocks)) != len(blocks):
+                raise ValueError("FeedbackConfig.blocks must be None (the last block) or distinct 1-based block "
+                                 f"numbers, e.g. (11, 12), got {self.blocks!r}")
+            object.__setattr__(self, "blocks", tuple(sorted(int(b) for b in blocks)))
 
     def __post_init__(self) -> None:
+        self._check_switches()
         if not 0.0 < self.p <= 1.0:
             raise ValueError(f"FeedbackConfig.p must be in (0, 1], got {self.p}")
         if self.eps <= 0:

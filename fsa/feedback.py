@@ -1,7 +1,8 @@
 """FSA: feedback self-adaptive attention (method.md §3), as pure tensor functions.
 
-Everything here is O(N²) memory for N patches: the KL is one matrix product, one N×N attention
-is shared by all heads, and the ensemble is applied to values, never formed as a matrix.
+Everything here is O(N²) memory for N patches: the KL is one matrix product (the symmetric KL
+too; Jensen–Shannon is summed over chunks of classes, N×N each), one N×N attention is shared by
+all heads, and the ensemble is applied to values, never formed as a matrix.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .attention import apply_attention, apply_shared
-from .config import FeedbackConfig
+from .config import SIMILARITIES, FeedbackConfig
 from .vision import compute_dtype
 
 
@@ -30,19 +31,85 @@ def class_distribution(z_cos: Tensor, u_cos: Optional[Tensor], cfg: FeedbackConf
     return logits.softmax(dim=-1)
 
 
-def output_similarity(pi: Tensor, eps: float = 1e-10) -> Tensor:
-    """Ŝ_ij = 1 / (1 + max(KL(Π_i ‖ Π_j), 0)) with G = log(Π + ε) (step 3).
+def kl_divergence(pi: Tensor, eps: float = 1e-10) -> Tensor:
+    """KL_ij = Σ_k Π_ik (G_ik − G_jk) with G = log(Π + ε), clamped ≥ 0, diagonal exactly 0.
 
-    pi: (B, N, K) → (B, N, N), float32 or wider. KL_ij = h_i − (Π Gᵀ)_ij with h_i = Σ_k Π_ik G_ik:
-    one (N×K)·(K×N) product instead of an N×N×K tensor. The diagonal is set to exactly 0 (it
-    is 0 in exact arithmetic; rounding would otherwise leave Ŝ_ii a hair below 1).
+    pi: (B, N, K) → (B, N, N), float32 or wider. ε enters only the logarithms (the weights are Π
+    itself), as in the published code. Exact form: KL_ij = h_i − (Π Gᵀ)_ij with
+    h_i = Σ_k Π_ik G_ik, one (N×K)·(K×N) product instead of an N×N×K tensor. The diagonal is 0 in
+    exact arithmetic and set so (rounding would otherwise leave Ŝ_ii a hair below 1).
     """
     pi = pi.to(compute_dtype(pi.dtype))
     g = torch.log(pi + eps)
     h = (pi * g).sum(dim=-1, keepdim=True)  # (B, N, 1)
     kl = torch.baddbmm(h, pi, g.transpose(1, 2), beta=1.0, alpha=-1.0)
     kl.diagonal(dim1=-2, dim2=-1).zero_()
-    return kl.clamp_(min=0.0).add_(1.0).reciprocal_()
+    return kl.clamp_(min=0.0)
+
+
+def symmetric_kl_divergence(pi: Tensor, eps: float = 1e-10) -> Tensor:
+    """½(KL_ij + KL_ji) of `kl_divergence` (same ε, each KL clamped ≥ 0): exactly symmetric.
+
+    pi: (B, N, K) → (B, N, N). Exact form: ½(h_i + h_j − (Π Gᵀ)_ij − (Π Gᵀ)_ji), i.e. the KL
+    matrix plus its transpose: O(N²) memory. Floating-point addition commutes, so entry (i, j)
+    and (j, i) are the same sum bit for bit; the diagonal is exactly 0.
+    """
+    kl = kl_divergence(pi, eps)
+    return (kl + kl.transpose(1, 2)).mul_(0.5)
+
+
+#: Elements of the (B, N, N, c) chunk `js_divergence` works on at once (16 MiB in float32):
+#: bounds its memory by max(B·N², this) elements per temporary, i.e. O(N²).
+JS_CHUNK_ELEMENTS = 1 << 22
+
+
+def js_divergence(pi: Tensor, eps: float = 1e-10, *, chunk_elements: int = JS_CHUNK_ELEMENTS) -> Tensor:
+    """Jensen–Shannon JS_ij = ½KL(Π_i‖M_ij) + ½KL(Π_j‖M_ij), M_ij = ½(Π_i + Π_j), clamped ≥ 0.
+
+    pi: (B, N, K) → (B, N, N), float32 or wider; exactly symmetric, diagonal exactly 0.
+    With the paper's ε convention (ε inside every logarithm, the weights unchanged):
+        JS_ij = ½(h_i + h_j) − c_ij,  h_i = Σ_k Π_ik log(Π_ik + ε),  c_ij = Σ_k M_ijk log(M_ijk + ε).
+    x ↦ x·log(x + ε) is convex for ε > 0, so JS ≥ 0 also with ε (Jensen), and JS_ii = 0; the
+    bound JS ≤ log 2 (up to ε) makes Ŝ = 1/(1 + JS) lie in about [0.59, 1], narrower than KL's.
+    c_ij has no matrix-product form (log M does not factor), so it is summed over chunks of the
+    classes: each chunk is a (B, N, N, c) tensor with B·N²·c ≤ max(B·N², chunk_elements), i.e.
+    one class at a time for large N. O(N²) memory, O(N²K) time. The upper triangle is mirrored
+    onto the lower so that symmetry is exact whatever the reduction order.
+    """
+    pi = pi.to(compute_dtype(pi.dtype))
+    b, n, k = pi.shape
+    h = (pi * torch.log(pi + eps)).sum(dim=-1)  # (B, N)
+    step = max(1, min(k, chunk_elements // max(1, b * n * n)))
+    cross = pi.new_zeros(b, n, n)
+    for k0 in range(0, k, step):
+        p = pi[..., k0:k0 + step]
+        m = (p.unsqueeze(2) + p.unsqueeze(1)).mul_(0.5)  # (B, N, N, c): M_ijk
+        cross += m.add(eps).log_().mul_(m).sum(dim=-1)
+        del m
+    js = (h.unsqueeze(2) + h.unsqueeze(1)).mul_(0.5).sub_(cross)
+    del cross
+    js = js.triu_()
+    js += js.triu(1).transpose(1, 2)
+    js.diagonal(dim1=-2, dim2=-1).zero_()
+    return js.clamp_(min=0.0)
+
+
+def output_similarity(pi: Tensor, eps: float = 1e-10, kind: str = "kl") -> Tensor:
+    """Ŝ_ij = 1 / (1 + D_ij) ∈ (0, 1], Ŝ_ii = 1 (step 3), D of FeedbackConfig.similarity `kind`.
+
+    pi: (B, N, K) → (B, N, N), float32 or wider. kind "kl" (the paper; not symmetric):
+    D = `kl_divergence`; "sym_kl": D = `symmetric_kl_divergence`; "js": D = `js_divergence`.
+    All share G = log(Π + ε) with ε only inside the logarithms; none forms an N×N×K tensor.
+    """
+    if kind == "kl":
+        d = kl_divergence(pi, eps)
+    elif kind == "sym_kl":
+        d = symmetric_kl_divergence(pi, eps)
+    elif kind == "js":
+        d = js_divergence(pi, eps)
+    else:
+        raise ValueError(f"unknown similarity {kind!r}; choose one of {', '.join(SIMILARITIES)}")
+    return d.add_(1.0).reciprocal_()
 
 
 def prune_top_p(sim: Tensor, p: float) -> Tensor:
@@ -101,3 +168,28 @@ def ensemble_apply(
         return new_v
     a0_v = apply_attention(a0, v) if a0_v is None else a0_v.to(new_v.dtype)
     return (apply_new(a_new, a0_v, cls_token=cls_token) + apply_attention(a0, new_v) + new_v) / 3.0
+
+
+def feedback_attention(pi: Tensor, cfg: FeedbackConfig) -> Tensor:
+    """A_new from Π (steps 3-5): Ŝ of cfg.similarity, top-p pruning when on, then the scaling.
+
+    pi: (B, N, K) → (B, N, N); the N×N similarity and mask are freed before returning.
+    """
+    sim = output_similarity(pi, cfg.eps, cfg.similarity)
+    keep = prune_top_p(sim, cfg.p) if cfg.pruning else None
+    return adapted_attention(sim, keep, cfg.lam)
+
+
+def adapt_values(
+    a_new: Tensor,
+    a0: Optional[Tensor],
+    v: Tensor,
+    cfg: FeedbackConfig,
+    *,
+    cls_token: bool,
+    a0_v: Optional[Tensor] = None,
+) -> Tensor:
+    """A_ens v (step 6) with cfg.ensemble on, else A_new v: shapes as in `ensemble_apply`."""
+    if cfg.ensemble:
+        return ensemble_apply(a_new, a0, v, cls_token=cls_token, a0_v=a0_v)
+    return apply_new(a_new, v, cls_token=cls_token)

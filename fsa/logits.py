@@ -1,4 +1,28 @@
-"""Patch logits of a baseline, with or without FSA: the vision tower end to end (method.md §2-§4)."""
+"""Patch logits of a baseline, with or without FSA: the vision tower end to end (method.md §2-§4).
+
+Beyond the paper's single pass into the last block, `FeedbackConfig` opens three questions the
+paper leaves open, each a switch whose default is the paper:
+
+- `similarity`: the divergence behind Ŝ (fsa.feedback.output_similarity).
+- `iterations` k ≥ 1: pass t adapts with Π_t = softmax(20·Z_{t−1} − 35·U), Z_{t−1} the patch
+  cosines of pass t−1's output (Z_0: the baseline's). U, the uniform-attention branch, is computed
+  once from the baseline. A_ens of every pass uses the baseline's A₀ (with `blocks` that re-run
+  earlier blocks: the A₀ of the re-run, see below), never the previous pass's A_ens.
+- `blocks`: the 1-based blocks that receive the adapted attention (None = the last, L). One
+  A_new (from Π_t) is shared by every adapted block of pass t. When the first adapted block is
+  b₀ < L, each pass re-runs blocks b₀..L from the baseline's tokens entering b₀:
+    * adapted block b < L: A₀ is that block's own softmax(q kᵀ s) on the re-run tokens, per
+      head, L×L with CLS (A_new embedded as diag(1, A_new)); the block keeps its residual and
+      FFN: x + ls_1(out_proj(A_ens v)), then + ls_2(mlp(ln_2(·)));
+    * a block b₀ < b < L that is not adapted runs unchanged;
+    * the last block runs the baseline's own variant on the re-run tokens (its A₀ computed from
+      them, its residual/FFN rule); when L is adapted, A_ens uses that A₀.
+  GCLIP on the re-run keeps its suppressed c_proj rows in every block, adapted or not, and fuses
+  the head-averaged softmax(q kᵀ s) of its fusion blocks as computed on the re-run's tokens (the
+  block's own A₀, also when that block is adapted; blocks before b₀ are the baseline's).
+  ProxyCLIP refuses blocks other than the last: its last-block attention and Π live on the proxy
+  grid while earlier blocks attend on the CLIP grid, and no resampling rule comes from the paper.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,16 +33,33 @@ from torch import Tensor, nn
 
 from .attention import BaseAttention, baseline_attention
 from .config import METHOD_DEFAULTS, FeedbackConfig, MethodOptions, check_method
-from .feedback import adapted_attention, apply_new, class_distribution, ensemble_apply, output_similarity, prune_top_p
-from .vision import block_qkv, compute_dtype, embed_tokens, finish_last_block, project_tokens, run_blocks
+from .feedback import adapt_values, class_distribution, feedback_attention
+from .vision import (block_qkv, compute_dtype, embed_tokens, finish_block, finish_last_block, project_tokens,
+                     run_blocks, softmax_attention)
+
+
+@dataclass
+class FeedbackStep:
+    """One feedback pass (iteration t = position + 1), as much as the diagnostics need to redo it.
+
+    pi: (B, N, K) the class distribution Π_t the pass adapted with. block_qk: 1-based block →
+    (q, k), each (B, H, L, d), on the tokens that entered that block in this pass, for the blocks
+    the pass re-ran whose attention a diagnostic view needs (the adapted ones, GCLIP's fusion
+    blocks); a block absent here saw the baseline's tokens (FeedbackDetails.q/k, fused_maps).
+    """
+
+    pi: Tensor
+    block_qk: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
 @dataclass
 class FeedbackDetails:
     """What a diagnostic view needs to redo any row of the attention maps without the network.
 
-    q, k: (B, H, L, d) of the last block; pi: (B, N, K) the class distribution Π; proxy_features
-    (B, C, I, J) and fused_maps [(B, L, L)] where the method uses them.
+    q, k: (B, H, L, d) of the baseline's last block; pi: (B, N, K) the class distribution Π of the
+    last pass; proxy_features (B, C, I, J) and fused_maps [(B, L, L)] (the baseline's, in the order
+    of fused_blocks) where the method uses them; steps: one `FeedbackStep` per pass (iteration);
+    depth: blocks in the vision tower.
     """
 
     method: str
@@ -32,15 +73,25 @@ class FeedbackDetails:
     options: MethodOptions
     proxy_features: Optional[Tensor] = None
     fused_maps: list[Tensor] = field(default_factory=list)
+    steps: list[FeedbackStep] = field(default_factory=list)
+    depth: int = 0
+    fused_blocks: tuple[int, ...] = ()  #: 1-based GCLIP fusion blocks of fused_maps
+
+    def adapted_blocks(self) -> tuple[int, ...]:
+        """1-based blocks that received the adapted attention (the last block by default)."""
+        return self.feedback.blocks or (self.depth,)
 
     def select(self, index: int) -> "FeedbackDetails":
         """The details of one image of the batch, detached and on the CPU."""
         def one(t: Optional[Tensor]) -> Optional[Tensor]:
             return None if t is None else t[index:index + 1].detach().cpu()
 
+        steps = [FeedbackStep(one(s.pi), {b: (one(q), one(k)) for b, (q, k) in s.block_qk.items()})
+                 for s in self.steps]
         return FeedbackDetails(
-            self.method, self.grid, self.clip_grid, self.cls_token, one(self.q), one(self.k), one(self.pi),
-            self.feedback, self.options, one(self.proxy_features), [one(m) for m in self.fused_maps],
+            self.method, self.grid, self.clip_grid, self.cls_token, one(self.q), one(self.k),
+            steps[-1].pi if steps else one(self.pi), self.feedback, self.options, one(self.proxy_features),
+            [one(m) for m in self.fused_maps], steps, self.depth, self.fused_blocks,
         )
 
 
@@ -67,14 +118,32 @@ def suppressed_c_proj(weight: Tensor) -> Tensor:
     return out
 
 
-def _encode_to_last_block(visual: nn.Module, pixels: Tensor, method: str, options: MethodOptions):
-    """Tokens entering the last block, the grid, and GCLIP's fused maps."""
-    x, grid = embed_tokens(visual, pixels)
-    blocks = list(visual.transformer.resblocks)
-    body = blocks[:-1]
+def resolve_feedback_blocks(feedback: FeedbackConfig, depth: int, method: str) -> tuple[int, ...]:
+    """The 1-based blocks FSA adapts, checked against the tower's depth and the method.
+
+    Raises ValueError for blocks outside 1..depth, and for proxyclip with any block but the last.
+    """
+    blocks = feedback.blocks or (depth,)
+    bad = [b for b in blocks if not 1 <= b <= depth]
+    if bad:
+        raise ValueError(f"FeedbackConfig.blocks {bad} outside 1..{depth} for a {depth}-block vision tower")
+    if check_method(method) == "proxyclip" and blocks != (depth,):
+        raise ValueError("proxyclip: FeedbackConfig.blocks can only be the last block (None or "
+                         f"({depth},)): its attention and Π are on the proxy grid, earlier blocks on the CLIP grid")
+    return tuple(blocks)
+
+
+@dataclass
+class _TowerPlan:
+    """How blocks 1..L-1 run for a method: GCLIP's replaced weights and captured maps (0-based)."""
+
+    overrides: dict[int, dict[str, Tensor]]
+    capture: list[int]
+
+
+def _tower_plan(blocks: list[nn.Module], method: str, options: MethodOptions) -> _TowerPlan:
     if method != "gclip":
-        x, _ = run_blocks(body, x)
-        return x, grid, []
+        return _TowerPlan({}, [])
     cfg = options.gclip
     depth = len(blocks)
     overrides = {}
@@ -83,8 +152,15 @@ def _encode_to_last_block(visual: nn.Module, pixels: Tensor, method: str, option
             if b < depth:  # the last block has no FFN in GCLIP
                 overrides[b - 1] = {"mlp.c_proj.weight": suppressed_c_proj(blocks[b - 1].mlp.c_proj.weight)}
     capture = [b - 1 for b in cfg.resolved_fusion_blocks(depth)] if cfg.attention_fusion else []
-    x, maps = run_blocks(body, x, weight_overrides=overrides, capture=capture)
-    return x, grid, [maps[i] for i in capture]
+    return _TowerPlan(overrides, capture)
+
+
+def _run_range(blocks: list[nn.Module], x: Tensor, lo: int, hi: int, plan: _TowerPlan):
+    """Blocks lo..hi-1 (0-based) unchanged but for the plan → tokens, {0-based block: captured map}."""
+    overrides = {i - lo: w for i, w in plan.overrides.items() if lo <= i < hi}
+    capture = [i - lo for i in plan.capture if lo <= i < hi]
+    x, maps = run_blocks(blocks[lo:hi], x, weight_overrides=overrides, capture=capture)
+    return x, {i + lo: m for i, m in maps.items()}
 
 
 def _patch_cosines(visual: nn.Module, tokens: Tensor, text: Tensor, cls_token: bool) -> Tensor:
@@ -109,6 +185,61 @@ def _uniform_cosines(visual, block, x, base: BaseAttention, text, residual: bool
     return _patch_cosines(visual, out, text, cls_token=False)
 
 
+def _rerun_pass(
+    visual: nn.Module,
+    x_start: Tensor,
+    start: int,
+    plan: _TowerPlan,
+    baseline_maps: dict[int, Tensor],
+    a_new: Tensor,
+    adapted: tuple[int, ...],
+    feedback: FeedbackConfig,
+    method: str,
+    clip_grid: tuple[int, int],
+    proxy_features: Optional[Tensor],
+    options: MethodOptions,
+) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor]]]:
+    """One feedback pass that re-runs blocks start+1..L (1-based) from x_start (module docstring).
+
+    x_start: (B, L, D) the baseline's tokens entering block start+1; a_new: (B, N, N) on the CLIP
+    grid. Returns the last block's output (B, M, D) and {1-based block: (q, k)} of the re-run's
+    adapted blocks and GCLIP fusion blocks.
+    """
+    blocks = list(visual.transformer.resblocks)
+    depth = len(blocks)
+    rule = METHOD_DEFAULTS[method]
+    maps = {i: m for i, m in baseline_maps.items() if i < start}
+    qk: dict[int, tuple[Tensor, Tensor]] = {}
+    x = x_start
+    for i in range(start, depth - 1):
+        block, number = blocks[i], i + 1
+        overrides = plan.overrides.get(i, {})
+        if number not in adapted and i not in plan.capture:
+            x, _ = run_blocks([block], x, weight_overrides={0: overrides} if overrides else None)
+            continue
+        q, k, v = block_qkv(block, x)
+        a0 = softmax_attention(q, k)  # (B, H, L, L): the block's own attention on the re-run tokens
+        qk[number] = (q, k)
+        if i in plan.capture:
+            maps[i] = a0.mean(dim=1)
+        if number in adapted:
+            mixed = adapt_values(a_new, a0, v, feedback, cls_token=True)
+            x = finish_block(block, x, mixed, weight_overrides=overrides)
+        else:
+            x, _ = run_blocks([block], x, weight_overrides={0: overrides} if overrides else None)
+        del a0
+    last = blocks[-1]
+    q, k, v = block_qkv(last, x)
+    base = baseline_attention(method, q, k, v, clip_grid, proxy_features=proxy_features,
+                              fused_maps=[maps[i] for i in plan.capture], options=options)
+    if depth in adapted:
+        qk[depth] = (q, k)
+        mixed = adapt_values(a_new, base.weights, base.values, feedback, cls_token=base.cls_token)
+    else:
+        mixed = base.apply(base.values)
+    return finish_last_block(last, x, mixed, residual=rule.residual, ffn=rule.ffn), qk
+
+
 @torch.no_grad()
 def compute_patch_logits(
     model: nn.Module,
@@ -123,15 +254,34 @@ def compute_patch_logits(
 ) -> PatchLogits:
     """Baseline cosines and, with `feedback`, the FSA cosines from the same forward pass.
 
-    The baseline's own output is FSA's feedback signal (Z), so the pair costs one network pass.
+    The baseline's own output is FSA's feedback signal (Z), so the pair costs one network pass
+    (plus one last block per further iteration, or blocks b₀..L per pass when `feedback.blocks`
+    starts at b₀ < L). Every pass t adapts with Π from pass t−1's output (the baseline's for t = 1),
+    U computed once, and A_ens with the baseline's A₀ (the re-run's A₀ in re-run blocks): see the
+    module docstring. Raises ValueError for blocks outside the tower, or other than the last for
+    proxyclip.
     pixels: (B, 3, H, W) normalised in the model's dtype; text_features: (K, E) L2-normalised.
     """
     method = check_method(method)
     options = options or MethodOptions()
     visual = model.visual
     rule = METHOD_DEFAULTS[method]
-    x, clip_grid, fused = _encode_to_last_block(visual, pixels, method, options)
-    last = visual.transformer.resblocks[-1]
+    blocks = list(visual.transformer.resblocks)
+    depth = len(blocks)
+    adapted = resolve_feedback_blocks(feedback, depth, method) if feedback is not None else (depth,)
+    start = adapted[0] - 1  # 0-based first block a pass re-runs; depth - 1: the last block alone
+    plan = _tower_plan(blocks, method, options)
+
+    x, clip_grid = embed_tokens(visual, pixels)
+    x_start = None
+    if start < depth - 1:
+        x_start, maps = _run_range(blocks, x, 0, start, plan)
+        x, later = _run_range(blocks, x_start, start, depth - 1, plan)
+        maps.update(later)
+    else:
+        x, maps = _run_range(blocks, x, 0, depth - 1, plan)
+    fused = [maps[i] for i in plan.capture]
+    last = blocks[-1]
     q, k, v = block_qkv(last, x)
     base = baseline_attention(method, q, k, v, clip_grid, proxy_features=proxy_features, fused_maps=fused,
                               options=options)
@@ -147,22 +297,28 @@ def compute_patch_logits(
         return PatchLogits(to_grid(cos), None, base.grid)
 
     u_cos = (_uniform_cosines(visual, last, x, base, text_features, rule.residual, rule.ffn)
-             if feedback.isolation else None)
-    pi = class_distribution(cos, u_cos, feedback)
-    sim = output_similarity(pi, feedback.eps)
-    keep = prune_top_p(sim, feedback.p) if feedback.pruning else None
-    a_new = adapted_attention(sim, keep, feedback.lam)
-    del sim, keep
-    if feedback.ensemble:
-        mixed = ensemble_apply(a_new, base.weights, base.values, cls_token=base.cls_token, a0_v=a0_v)
-    else:
-        mixed = apply_new(a_new, base.values, cls_token=base.cls_token)
-    fsa_out = finish_last_block(last, x, mixed, residual=rule.residual, ffn=rule.ffn)
-    fsa_cos = _patch_cosines(visual, fsa_out, text_features, base.cls_token)
+             if feedback.isolation else None)  # computed once for every pass
+    steps: list[FeedbackStep] = []
+    fsa_cos = cos
+    for _ in range(feedback.iterations):
+        pi = class_distribution(fsa_cos, u_cos, feedback)
+        a_new = feedback_attention(pi, feedback)
+        if x_start is None:  # the last block alone, always with the baseline's A₀
+            mixed = adapt_values(a_new, base.weights, base.values, feedback, cls_token=base.cls_token, a0_v=a0_v)
+            fsa_out, block_qk = finish_last_block(last, x, mixed, residual=rule.residual, ffn=rule.ffn), {}
+            del mixed
+        else:
+            fsa_out, block_qk = _rerun_pass(visual, x_start, start, plan, maps, a_new, adapted, feedback, method,
+                                            clip_grid, proxy_features, options)
+        del a_new
+        fsa_cos = _patch_cosines(visual, fsa_out, text_features, base.cls_token)
+        if keep_details:
+            steps.append(FeedbackStep(pi, block_qk))
     details = None
     if keep_details:
-        details = FeedbackDetails(method, base.grid, clip_grid, base.cls_token, q, k, pi, feedback, options,
-                                  proxy_features, list(fused))
+        details = FeedbackDetails(method, base.grid, clip_grid, base.cls_token, q, k, steps[-1].pi, feedback,
+                                  options, proxy_features, list(fused), steps, depth,
+                                  tuple(i + 1 for i in plan.capture))
     return PatchLogits(to_grid(cos), to_grid(fsa_cos), base.grid, details)
 
 

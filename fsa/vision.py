@@ -1,7 +1,8 @@
 """The CLIP vision tower, taken apart so the last block can be swapped (method.md §1, §2).
 
 Blocks 1..L-1 run as open_clip defines them; the last block is split into its parts
-(`last_block_qkv`, `finish_last_block`) so that the attention in between can be any matrix.
+(`block_qkv`, `finish_last_block`) so that the attention in between can be any matrix, and
+`finish_block` does the same for an earlier block (FSA fed back into it, `FeedbackConfig.blocks`).
 """
 from __future__ import annotations
 
@@ -139,6 +140,37 @@ def finish_last_block(block: nn.Module, x: Tensor, attn_values: Tensor, *, resid
     if ffn:
         out = out + block.ls_2(block.mlp(block.ln_2(out)))
     return out
+
+
+#: Parameters of a residual block that act after its attention (what `finish_block` may override).
+_AFTER_ATTENTION = ("attn.out_proj", "ls_1", "ln_2", "mlp", "ls_2")
+
+
+def finish_block(
+    block: nn.Module,
+    x: Tensor,
+    attn_values: Tensor,
+    *,
+    weight_overrides: Optional[Mapping[str, Tensor]] = None,
+) -> Tensor:
+    """A whole residual block after its attention: x + ls_1(out_proj(·)), then + ls_2(mlp(ln_2(·))).
+
+    x: (B, L, D) tokens entering the block; attn_values: (B, H, L, d), the attention-weighted
+    values. `weight_overrides` replaces parameters after the attention (e.g. "mlp.c_proj.weight")
+    without modifying the module, as `run_blocks` does. → (B, L, D).
+    """
+    overrides = dict(weight_overrides or {})
+    bad = [name for name in overrides if not name.startswith(tuple(p + "." for p in _AFTER_ATTENTION))]
+    if bad:
+        raise ValueError(f"finish_block can only override parameters after the attention, not {bad}")
+
+    def call(path: str, t: Tensor) -> Tensor:
+        sub = {name[len(path) + 1:]: w for name, w in overrides.items() if name.startswith(path + ".")}
+        module = block.get_submodule(path)
+        return functional_call(module, sub, (t,), strict=False) if sub else module(t)
+
+    out = x + call("ls_1", call("attn.out_proj", merge_heads(attn_values).to(x.dtype)))
+    return out + call("ls_2", call("mlp", call("ln_2", out)))
 
 
 def project_tokens(visual: nn.Module, tokens: Tensor) -> Tensor:
