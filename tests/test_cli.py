@@ -109,7 +109,7 @@ def test_failures_are_one_line(args, message, image_path, tmp_path, capsys, monk
 @pytest.mark.parametrize(
     "argv, message",
     [
-        ([], "choose a command: segment or bench"),
+        ([], "choose a command: segment, evaluate, prepare or bench"),
         (["segment", "x.png"], "the following arguments are required: --classes"),
         (["segment", "x.png", "--classes", "cat", "--crop", "big"], "argument --crop: invalid int value: 'big'"),
     ],
