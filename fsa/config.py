@@ -96,14 +96,16 @@ class FeedbackConfig:
 
     def __post_init__(self) -> None:
         checked = {
-            "lam": check_number("FeedbackConfig.lam (λ)", self.lam, low=0.0, high=LAMBDA_MAX,
-                                why=f"above {LAMBDA_MAX:g}, exp(λ) overflows float32; the paper uses 2.3-4.5"),
-            "p": check_number("FeedbackConfig.p (top-p of the pruning)", self.p, low=0.0, high=1.0, low_open=True),
+            "lam": check_number("FeedbackConfig.lam", self.lam, low=0.0, high=LAMBDA_MAX,
+                                why=f"λ; above {LAMBDA_MAX:g}, exp(λ) overflows float32; the paper uses 2.3-4.5"),
+            "p": check_number("FeedbackConfig.p", self.p, low=0.0, high=1.0, low_open=True,
+                              why="the top-p share of each similarity row kept by pruning"),
             "feedback_scale": check_number("FeedbackConfig.feedback_scale", self.feedback_scale, low=0.0,
                                            high=SCALE_MAX, low_open=True),
             "isolation_scale": check_number("FeedbackConfig.isolation_scale", self.isolation_scale, low=0.0,
                                             high=SCALE_MAX, low_open=True),
-            "eps": check_number("FeedbackConfig.eps (ε)", self.eps, low=EPS_MIN, high=EPS_MAX),
+            "eps": check_number("FeedbackConfig.eps", self.eps, low=EPS_MIN, high=EPS_MAX,
+                                why="ε of log(Π + ε); published value 1e-10"),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)
@@ -131,7 +133,7 @@ class GClipConfig:
                 continue
             if isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__iter__"):
                 raise ValueError(f"GClipConfig.{name} must be a sequence of 1-based block numbers, got {blocks!r}")
-            checked = tuple(check_number(f"each of GClipConfig.{name}", b, low=1, integer=True) for b in blocks)
+            checked = tuple(check_number(f"every entry of GClipConfig.{name}", b, low=1, integer=True) for b in blocks)
             if len(set(checked)) != len(checked):
                 raise ValueError(f"GClipConfig.{name} lists a block twice: {list(checked)}")
             object.__setattr__(self, name, checked)  # a tuple, so that settings stay hashable
@@ -173,11 +175,14 @@ class MethodOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "naclip_sigma", check_number(
-            "MethodOptions.naclip_sigma (NACLIP σ, in patches)", self.naclip_sigma, low=SIGMA_MIN, high=SIGMA_MAX))
+            "MethodOptions.naclip_sigma", self.naclip_sigma, low=SIGMA_MIN, high=SIGMA_MAX,
+            why="NACLIP's σ in patches; published value 5"))
         object.__setattr__(self, "proxy_beta", check_number(
-            "MethodOptions.proxy_beta (ProxyCLIP β)", self.proxy_beta, low=-PROXY_BETA_MAX, high=PROXY_BETA_MAX))
+            "MethodOptions.proxy_beta", self.proxy_beta, low=-PROXY_BETA_MAX, high=PROXY_BETA_MAX,
+            why="ProxyCLIP's β; published value 1.2"))
         object.__setattr__(self, "proxy_gamma", check_number(
-            "MethodOptions.proxy_gamma (ProxyCLIP γ)", self.proxy_gamma, low=0.0, high=SCALE_MAX, low_open=True))
+            "MethodOptions.proxy_gamma", self.proxy_gamma, low=0.0, high=SCALE_MAX, low_open=True,
+            why="ProxyCLIP's γ; published value 3"))
         if not isinstance(self.gclip, GClipConfig):
             raise ValueError(f"MethodOptions.gclip must be a GClipConfig, got {type(self.gclip).__name__}")
 
@@ -227,9 +232,9 @@ class SegmentSettings:
         crop, stride = self.resolved_crop(), self.resolved_stride()
         if crop > 0 and stride > crop:  # windows would leave pixels uncovered: 0/0 = NaN there
             given = lambda value, name: f"{value}" + (f" ({self.method}'s default)" if getattr(self, name) is None else "")
-            raise ValueError(f"SegmentSettings.stride {given(stride, 'stride')} is larger than the window crop "
-                             f"{given(crop, 'crop')}: the windows would leave gaps; choose a stride ≤ the crop, "
-                             f"or crop 0 for one pass over the whole image")
+            raise ValueError(f"SegmentSettings.stride/crop: the window stride {given(stride, 'stride')} is larger "
+                             f"than the crop {given(crop, 'crop')}, so the windows would leave gaps; choose a stride "
+                             f"≤ the crop, or crop 0 for one pass over the whole image")
 
     @property
     def defaults(self) -> MethodDefaults:
