@@ -30,7 +30,8 @@ PROXIES: tuple[str, ...] = ("dino-b8", "dinov2-b14-reg")
 #: λ bound: FSA computes ℓ = Ŝ·exp(λŜ) in float32 (or wider) with Ŝ ∈ (0, 1], so the largest logit
 #: is exp(λ). float32's largest value is 3.4028e38 = exp(88.72): above λ ≈ 88.7 the row maximum is
 #: inf, softmax gives inf − inf = NaN and every pixel lands in class 0. 88 keeps exp(λ) ≈ 1.65e38
-#: finite. λ < 0 would rank dissimilar patches above similar ones; the paper uses 2.3-4.5.
+#: finite. λ < 0 would flatten A_new instead of sharpening it (below −1 it even ranks dissimilar
+#: patches first); the paper uses 2.3-4.5.
 LAMBDA_MAX = 88.0
 #: Scales multiply cosines in [-1, 1]: at 1000 every softmax is already one-hot in float32
 #: (exp(-2000) = 0), so larger scales change nothing and, near 1e38, overflow to inf.
@@ -44,10 +45,11 @@ EPS_MIN, EPS_MAX = 1.1754944e-38, 1e-3
 SHORT_SIDE_MIN, SHORT_SIDE_MAX = 16, 2048
 #: A window crop smaller than one patch (16 px) has no patch grid.
 CROP_MIN = 16
-#: NACLIP σ in patches: below 0.01, 2σ² underflows in float32 (0/0 = NaN on Ω's diagonal) and Ω
-#: is the identity anyway; above 1e4 Ω is constant for any grid.
+#: NACLIP σ in patches: at 0.01 Ω is already the identity in float32 (exp(−1/(2·0.01²)) = 0), and a
+#: tiny σ underflows 2σ² to 0 (0/0 = NaN on Ω's diagonal); above 1e4 Ω is constant for any grid.
 SIGMA_MIN, SIGMA_MAX = 0.01, 1e4
-#: ProxyCLIP's β multiplies the mean cosine (in [-1, 1]); |β| > 100 leaves no positive entry.
+#: ProxyCLIP's β (published 1.2) scales the mean cosine subtracted from cosines in [-1, 1]: |β| ≤ 100
+#: keeps γ(Ŝ − β·mean Ŝ) within ±1000·101, far from overflow; beyond, it prunes all or nothing.
 PROXY_BETA_MAX = 100.0
 
 
@@ -231,10 +233,12 @@ class SegmentSettings:
         check("window_batch", optional=False, low=1, integer=True)
         crop, stride = self.resolved_crop(), self.resolved_stride()
         if crop > 0 and stride > crop:  # windows would leave pixels uncovered: 0/0 = NaN there
-            given = lambda value, name: f"{value}" + (f" ({self.method}'s default)" if getattr(self, name) is None else "")
-            raise ValueError(f"SegmentSettings.stride/crop: the window stride {given(stride, 'stride')} is larger "
-                             f"than the crop {given(crop, 'crop')}, so the windows would leave gaps; choose a stride "
-                             f"≤ the crop, or crop 0 for one pass over the whole image")
+            default = f" ({self.method}'s default)"
+            stride_text = f"{stride}{default if self.stride is None else ''}"
+            crop_text = f"{crop}{default if self.crop is None else ''}"
+            raise ValueError(f"SegmentSettings.stride/crop: the window stride {stride_text} is larger than the crop "
+                             f"{crop_text}, so the windows would leave gaps; choose a stride ≤ the crop, or crop 0 "
+                             "for one pass over the whole image")
 
     @property
     def defaults(self) -> MethodDefaults:
