@@ -31,6 +31,7 @@ from PIL import Image
 
 import fsa
 from fsa import visualize as viz
+from fsa.checks import NumericalError, check_number
 from fsa.config import BACKBONES, METHOD_DEFAULTS, METHOD_LABELS, METHODS, TINY_TEST, default_lambda
 
 log = logging.getLogger("fsa.app")
@@ -110,29 +111,82 @@ def head_choices(num_heads: int) -> list[str]:
     return [MEAN_HEADS] + [f"head {h + 1}" for h in range(num_heads)]
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
 def friendly_errors(fn: Callable) -> Callable:
-    """Turn every exception of a callback into a `gr.Error` a person understands (no traceback)."""
+    """Turn every exception of a callback into a `gr.Error` a person understands (no traceback).
+
+    Logging: a user error (a `gr.Error`, a `ValueError` such as a bad setting or vocabulary, missing
+    weights, out of memory) is one line; only a bug (any other exception, or NaN in a result) logs
+    its traceback. Gradio prints a traceback for every `gr.Error` it is given unless told not to
+    (`print_exception=False`), so every error leaving here says so.
+    """
+    name = getattr(fn, "__name__", str(fn))
+
+    def user_error(message: str, *, title: str = "Check the inputs", duration: Optional[float] = 10,
+                   level: int = logging.INFO) -> gr.Error:
+        log.log(level, "%s: %s: %s", name, title, _one_line(message))
+        return gr.Error(message, title=title, duration=duration, print_exception=False)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
+        except gr.Error as exc:  # before ValueError: gr.Error is one
+            log.info("%s: %s: %s", name, exc.title, _one_line(exc.message))
+            exc.print_exception = False
             raise
         except fsa.WeightsUnavailableError as exc:
-            raise gr.Error(f"Model weights unavailable: {exc}", title="Weights missing", duration=None) from None
+            raise user_error(f"Model weights unavailable: {exc}", title="Weights missing", duration=None,
+                             level=logging.WARNING) from None
+        except NumericalError as exc:  # NaN/inf reached a result: a bug or an unchecked extreme setting
+            log.error("%s produced non-finite values", name, exc_info=True)
+            raise gr.Error(f"{exc}", title="No meaningful result", print_exception=False) from None
         except (ValueError, FileNotFoundError) as exc:
-            raise gr.Error(str(exc), title="Check the inputs") from None
+            raise user_error(str(exc)) from None
         except MemoryError:
-            raise gr.Error("Out of memory: lower the short side or the window crop in Advanced settings.") from None
+            raise user_error("Out of memory: lower the short side or the window crop in Advanced settings.",
+                             title="Out of memory", level=logging.WARNING) from None
         except Exception as exc:  # noqa: BLE001 - the page must never show a traceback
             if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
-                raise gr.Error("Out of GPU memory: lower the short side or the window crop in Advanced "
-                               "settings.") from None
-            log.exception("callback %s failed", getattr(fn, "__name__", fn))
-            raise gr.Error(f"Unexpected error ({type(exc).__name__}: {exc}). The server log has the details.") from None
+                raise user_error("Out of GPU memory: lower the short side or the window crop in Advanced "
+                                 "settings.", title="Out of memory", level=logging.WARNING) from None
+            log.exception("callback %s failed", name)
+            raise gr.Error(f"Unexpected error ({type(exc).__name__}: {exc}). The server log has the details.",
+                           print_exception=False) from None
 
     return wrapper
+
+
+def check_number_inputs(demo: gr.Blocks) -> None:
+    """Check every Number and Slider input of ``demo`` before Gradio's own preprocessing.
+
+    Gradio's checks run before any callback: a value out of a component's range raises a `gr.Error`
+    that prints a traceback, and NaN or inf in a whole-number field fails inside `int()` with a bare
+    ValueError that clients see as ``error: null``. Here such a value is one log line and a message
+    naming the field, its value and its range.
+    """
+    for block in demo.blocks.values():
+        if isinstance(block, (gr.Number, gr.Slider)):
+            block.preprocess = _checked_preprocess(block)
+
+
+def _checked_preprocess(block) -> Callable:
+    original = block.preprocess
+    label = block.label or block.elem_id or "a number field"
+
+    def preprocess(payload):
+        if payload is not None:
+            try:
+                check_number(label, payload, low=block.minimum, high=block.maximum)
+            except ValueError as exc:
+                log.info("input: %s", _one_line(exc))
+                raise gr.Error(str(exc), title="Check the inputs", print_exception=False) from None
+        return original(payload)
+
+    return preprocess
 
 
 def _progress_callback(progress, start: float = 0.0, span: float = 1.0):
@@ -219,15 +273,16 @@ class DemoApp:
     def settings(self, method: str, fsa_on: bool, isolation: bool, pruning: bool, ensemble: bool, lam: float,
                  p: float, short_side=None, crop=None, stride=None, logit_scale=None, bg_threshold=0.0,
                  keep_diagnostics: bool = True) -> "fsa.SegmentSettings":
-        feedback = fsa.FeedbackConfig(lam=float(lam), p=float(p), isolation=bool(isolation),
+        # Numbers go to the settings as they came (NaN, inf, None too): their checks name the field.
+        feedback = fsa.FeedbackConfig(lam=lam, p=p, isolation=bool(isolation),
                                       pruning=bool(pruning), ensemble=bool(ensemble)) if fsa_on else None
         return fsa.SegmentSettings(
             method=method or "clearclip", feedback=feedback,
-            short_side=int(short_side) if short_side else self.default_short_side,
-            crop=None if crop is None else int(crop),
-            stride=None if stride is None or int(stride) < 1 else int(stride),
-            logit_scale=None if not logit_scale else float(logit_scale),
-            prob_threshold=float(bg_threshold or 0.0),
+            short_side=short_side if short_side else self.default_short_side,
+            crop=crop,
+            stride=None if stride is None or stride == 0 else stride,
+            logit_scale=None if not logit_scale else logit_scale,
+            prob_threshold=bg_threshold or 0.0,
             keep_diagnostics=keep_diagnostics,
         )
 
@@ -552,6 +607,7 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
                           [mask_baseline, mask_fsa, run_info, record], api_name="segment", **model_job)
         api_attention.click(wrap(app.api_attention), [record, image, classes, method, query_x, query_y, head],
                             attention + [record], api_name="attention", **model_job)
+    check_number_inputs(demo)
     demo.queue(max_size=64, default_concurrency_limit=2)
     return demo
 

@@ -74,6 +74,18 @@ def resolve_backbone_name(name: Optional[str]) -> str:
     return canonical
 
 
+def tiny_test_hint() -> str:
+    """The last way out of a missing-weights error: try the random-weights test model.
+
+    Suggests setting FSA_MODEL=tiny-test only where it is not already set: then the real backbone
+    (or proxy) was asked for explicitly, and the way out is to choose the test model instead.
+    """
+    if _ALIASES.get(_alias_key(os.environ.get("FSA_MODEL") or "")) == TINY_TEST:
+        return (f"or choose the {TINY_TEST} backbone (--backbone {TINY_TEST}, or the Backbone menu of the app; "
+                f"FSA_MODEL is already {TINY_TEST}) to try it with random weights")
+    return f"or set FSA_MODEL={TINY_TEST} to try the app with random weights"
+
+
 def resolve_device(device: DeviceLike = None) -> torch.device:
     """None -> cuda if available else cpu. Asking for CUDA without one is a ``ValueError``."""
     if device is None or device == "":
@@ -274,8 +286,7 @@ def load_clip(
                 repo_id,
                 (filename, "open_clip_pytorch_model.bin"),
                 what=f"{spec.name} CLIP",
-                alternatives="or pass a local checkpoint with --checkpoint PATH / FSA_CHECKPOINT, "
-                "or set FSA_MODEL=tiny-test to try the app with random weights",
+                alternatives="or pass a local checkpoint with --checkpoint PATH / FSA_CHECKPOINT, " + tiny_test_hint(),
                 progress=progress,
             )
         report_progress(progress, 0.6, f"Building {spec.name}")

@@ -66,12 +66,71 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+#: The option that sets each validated settings field, to name it in the error.
+_OPTION_OF_FIELD = {
+    "FeedbackConfig.lam": "--lam", "FeedbackConfig.p": "--p", "SegmentSettings.short_side": "--short-side",
+    "SegmentSettings.crop": "--crop", "SegmentSettings.stride": "--stride",
+    "SegmentSettings.prob_threshold": "--threshold",
+}
+#: What the --out errors suggest (Pillow writes all of them for an RGB mask).
+_SUGGESTED_SUFFIXES = ".png (lossless, recommended), .webp, .bmp, .tif, .jpg"
+
+
+def _settings_from_args(args: argparse.Namespace, backbone: str):
+    """(FeedbackConfig or None, SegmentSettings); a bad value is a ``ValueError`` naming its option."""
+    from .config import FeedbackConfig, SegmentSettings, default_lambda
+
+    try:
+        # λ and p are checked with --no-fsa too: a bad value is a mistake either way.
+        feedback = FeedbackConfig(lam=default_lambda(backbone) if args.lam is None else args.lam, p=args.p)
+        settings = SegmentSettings(method=args.method, feedback=None if args.no_fsa else feedback,
+                                   short_side=args.short_side, crop=args.crop, stride=args.stride,
+                                   prob_threshold=args.threshold)
+    except ValueError as exc:
+        text = str(exc)
+        option = next((opt for name, opt in _OPTION_OF_FIELD.items() if text.startswith(name + " ")), None)
+        if option is None:
+            raise
+        raise ValueError(f"{option}: {text}") from None
+    return settings.feedback, settings
+
+
+def check_output_path(raw: str) -> Path:
+    """The mask file ``--out`` names, if Pillow can write an RGB image there; else ``ValueError`` or
+    ``FileNotFoundError`` saying why. Checked before any model loads, so no run is wasted."""
+    import io
+
+    from PIL import Image
+
+    out = Path(raw).expanduser()
+    if out.is_dir():
+        raise ValueError(f"--out {raw} is a folder; give a file name, e.g. --out {out / 'mask.png'}")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"output folder {out.parent} does not exist; create it or choose another --out")
+    if not os.access(out.parent, os.W_OK):
+        raise ValueError(f"output folder {out.parent} is not writable; choose another --out")
+    if not out.suffix:
+        raise ValueError(f"--out {raw} has no file extension, so the image format is unknown; "
+                         f"end it with {_SUGGESTED_SUFFIXES}")
+    Image.init()
+    image_format = Image.registered_extensions().get(out.suffix.lower())
+    writable = image_format is not None and image_format in Image.SAVE
+    if writable:
+        try:  # some formats are registered but cannot hold an RGB image (XBM), or are read-only stubs
+            Image.new("RGB", (2, 2)).save(io.BytesIO(), format=image_format)
+        except Exception:  # noqa: BLE001 - any failure means "not this format"
+            writable = False
+    if not writable:
+        raise ValueError(f"--out {raw}: cannot write a colour mask as {out.suffix!r}; "
+                         f"end the name with {_SUGGESTED_SUFFIXES}")
+    return out
+
+
 def _segment(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
     from .backbones import resolve_backbone_name, resolve_device
-    from .config import FeedbackConfig, SegmentSettings, default_lambda
     from .images import to_rgb_uint8
     from .segmenter import Segmenter
     from .visualize import colorize
@@ -79,20 +138,15 @@ def _segment(args: argparse.Namespace) -> int:
 
     # Everything a user can get wrong is checked before any model loads.
     backbone = resolve_backbone_name(args.backbone)
+    feedback, settings = _settings_from_args(args, backbone)
+    out = check_output_path(args.out)
     device = resolve_device(args.device)
-    feedback = None if args.no_fsa else FeedbackConfig(
-        lam=default_lambda(backbone) if args.lam is None else args.lam, p=args.p)
-    settings = SegmentSettings(method=args.method, feedback=feedback, short_side=args.short_side, crop=args.crop,
-                               stride=args.stride, prob_threshold=args.threshold)
     parse_vocabulary(args.classes)
     if args.proxy is not None:
         from .proxies import resolve_proxy_name
 
         args.proxy = resolve_proxy_name(args.proxy)
     rgb = to_rgb_uint8(args.image)
-    out = Path(args.out).expanduser()
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"output folder {out.parent} does not exist; create it or choose another --out")
 
     def progress(fraction: float, message: str) -> None:
         if args.verbose:

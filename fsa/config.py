@@ -8,6 +8,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from .checks import check_number
+
 #: Last-block variants, in the order the UI lists them.
 METHODS: tuple[str, ...] = ("maskclip", "sclip", "clearclip", "naclip", "proxyclip", "gclip", "vanilla")
 
@@ -24,6 +26,32 @@ METHOD_LABELS: dict[str, str] = {
 BACKBONES: tuple[str, ...] = ("ViT-B-16", "ViT-L-14", "ViT-H-14")
 TINY_TEST = "tiny-test"
 PROXIES: tuple[str, ...] = ("dino-b8", "dinov2-b14-reg")
+
+# --- allowed ranges of the settings (checked in __post_init__, before any model loads) -------------
+#: λ bound: FSA computes ℓ = Ŝ·exp(λŜ) in float32 (or wider) with Ŝ ∈ (0, 1], so the largest logit
+#: is exp(λ). float32's largest value is 3.4028e38 = exp(88.72): above λ ≈ 88.7 the row maximum is
+#: inf, softmax gives inf − inf = NaN and every pixel lands in class 0. 88 keeps exp(λ) ≈ 1.65e38
+#: finite. λ < 0 would flatten A_new instead of sharpening it (below −1 it even ranks dissimilar
+#: patches first); the paper uses 2.3-4.5.
+LAMBDA_MAX = 88.0
+#: Scales multiply cosines in [-1, 1]: at 1000 every softmax is already one-hot in float32
+#: (exp(-2000) = 0), so larger scales change nothing and, near 1e38, overflow to inf.
+SCALE_MAX = 1000.0
+#: ε of G = log(Π + ε): at least float32's smallest normal number (a smaller ε can flush to 0, and
+#: then 0·log(0) = NaN); at most 1e-3, so it stays a guard for near-zero probabilities and does
+#: not flatten ordinary ones (published value 1e-10).
+EPS_MIN, EPS_MAX = 1.1754944e-38, 1e-3
+#: Short side in pixels: at least one patch of the largest patch size (16); at most the long-side
+#: cap of method.md §1 (2048), beyond which the resize is capped anyway.
+SHORT_SIDE_MIN, SHORT_SIDE_MAX = 16, 2048
+#: A window crop smaller than one patch (16 px) has no patch grid.
+CROP_MIN = 16
+#: NACLIP σ in patches: at 0.01 Ω is already the identity in float32 (exp(−1/(2·0.01²)) = 0), and a
+#: tiny σ underflows 2σ² to 0 (0/0 = NaN on Ω's diagonal); above 1e4 Ω is constant for any grid.
+SIGMA_MIN, SIGMA_MAX = 0.01, 1e4
+#: ProxyCLIP's β (published 1.2) scales the mean cosine subtracted from cosines in [-1, 1]: |β| ≤ 100
+#: keeps γ(Ŝ − β·mean Ŝ) within ±1000·101, far from overflow; beyond, it prunes all or nothing.
+PROXY_BETA_MAX = 100.0
 
 
 #: `MethodDefaults.pad_to` value: pad each window to a multiple of the CLIP patch size.
@@ -114,10 +142,20 @@ class FeedbackConfig:
 
     def __post_init__(self) -> None:
         self._check_switches()
-        if not 0.0 < self.p <= 1.0:
-            raise ValueError(f"FeedbackConfig.p must be in (0, 1], got {self.p}")
-        if self.eps <= 0:
-            raise ValueError("FeedbackConfig.eps must be positive")
+        checked = {
+            "lam": check_number("FeedbackConfig.lam", self.lam, low=0.0, high=LAMBDA_MAX,
+                                why=f"λ; above {LAMBDA_MAX:g}, exp(λ) overflows float32; the paper uses 2.3-4.5"),
+            "p": check_number("FeedbackConfig.p", self.p, low=0.0, high=1.0, low_open=True,
+                              why="the top-p share of each similarity row kept by pruning"),
+            "feedback_scale": check_number("FeedbackConfig.feedback_scale", self.feedback_scale, low=0.0,
+                                           high=SCALE_MAX, low_open=True),
+            "isolation_scale": check_number("FeedbackConfig.isolation_scale", self.isolation_scale, low=0.0,
+                                            high=SCALE_MAX, low_open=True),
+            "eps": check_number("FeedbackConfig.eps", self.eps, low=EPS_MIN, high=EPS_MAX,
+                                why="ε of log(Π + ε); published value 1e-10"),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
 
 
 def default_lambda(backbone: str) -> float:
@@ -133,6 +171,19 @@ class GClipConfig:
     attention_fusion: bool = True
     suppression_blocks: Optional[tuple[int, ...]] = None  #: default: blocks 8..12 of 12
     fusion_blocks: Optional[tuple[int, ...]] = None  #: default: blocks 7 and 8 of 12
+
+    def __post_init__(self) -> None:
+        # The upper bound depends on the tower's depth: resolved_*_blocks checks it.
+        for name in ("suppression_blocks", "fusion_blocks"):
+            blocks = getattr(self, name)
+            if blocks is None:
+                continue
+            if isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__iter__"):
+                raise ValueError(f"GClipConfig.{name} must be a sequence of 1-based block numbers, got {blocks!r}")
+            checked = tuple(check_number(f"every entry of GClipConfig.{name}", b, low=1, integer=True) for b in blocks)
+            if len(set(checked)) != len(checked):
+                raise ValueError(f"GClipConfig.{name} lists a block twice: {list(checked)}")
+            object.__setattr__(self, name, checked)  # a tuple, so that settings stay hashable
 
     def resolved_suppression_blocks(self, depth: int) -> tuple[int, ...]:
         """1-based blocks whose largest c_proj row is suppressed: b ≥ ⌈2·depth/3⌉ (8..12 of 12)."""
@@ -169,6 +220,19 @@ class MethodOptions:
     proxy_gamma: float = 3.0  #: γ of the same
     gclip: GClipConfig = field(default_factory=GClipConfig)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "naclip_sigma", check_number(
+            "MethodOptions.naclip_sigma", self.naclip_sigma, low=SIGMA_MIN, high=SIGMA_MAX,
+            why="NACLIP's σ in patches; published value 5"))
+        object.__setattr__(self, "proxy_beta", check_number(
+            "MethodOptions.proxy_beta", self.proxy_beta, low=-PROXY_BETA_MAX, high=PROXY_BETA_MAX,
+            why="ProxyCLIP's β; published value 1.2"))
+        object.__setattr__(self, "proxy_gamma", check_number(
+            "MethodOptions.proxy_gamma", self.proxy_gamma, low=0.0, high=SCALE_MAX, low_open=True,
+            why="ProxyCLIP's γ; published value 3"))
+        if not isinstance(self.gclip, GClipConfig):
+            raise ValueError(f"MethodOptions.gclip must be a GClipConfig, got {type(self.gclip).__name__}")
+
 
 @dataclass(frozen=True)
 class SegmentSettings:
@@ -191,18 +255,40 @@ class SegmentSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", check_method(self.method))
-        if self.short_side is not None and self.short_side < 1:
-            raise ValueError("short_side must be a positive number of pixels")
-        if self.area_threshold is not None and not 0.0 <= self.area_threshold < 1.0:
-            raise ValueError("area_threshold must be in [0, 1) or None")
-        if self.crop is not None and self.crop < 0:
-            raise ValueError("crop must be >= 0 (0 = whole image)")
-        if self.stride is not None and self.stride < 1:
-            raise ValueError("stride must be >= 1")
-        if not 0.0 <= self.prob_threshold < 1.0:
-            raise ValueError("prob_threshold must be in [0, 1)")
-        if self.window_batch < 1:
-            raise ValueError("window_batch must be >= 1")
+        if self.feedback is not None and not isinstance(self.feedback, FeedbackConfig):
+            raise ValueError(f"SegmentSettings.feedback must be a FeedbackConfig or None, "
+                             f"got {type(self.feedback).__name__}")
+        if not isinstance(self.options, MethodOptions):
+            raise ValueError(f"SegmentSettings.options must be a MethodOptions, got {type(self.options).__name__}")
+
+        def check(name: str, optional: bool = True, **rule) -> None:
+            value = getattr(self, name)
+            if value is not None or not optional:
+                object.__setattr__(self, name, check_number(f"SegmentSettings.{name}", value, **rule))
+
+        # short_side None: the method's published default
+        check("short_side", low=SHORT_SIDE_MIN, high=SHORT_SIDE_MAX, integer=True,
+              why="pixels of the resized image's short side")
+        if self.crop != 0:  # 0 = one pass over the whole image
+            check("crop", low=CROP_MIN, integer=True,
+                  why=f"pixels; 0 = the whole image, else at least one {CROP_MIN}-pixel patch")
+        else:
+            object.__setattr__(self, "crop", 0)  # 0.0 or False from a form → 0
+        check("stride", low=1, integer=True, why="pixels between window starts")
+        check("logit_scale", low=0.0, high=SCALE_MAX, low_open=True, why="τ of the decision softmax(τ·cos)")
+        check("prob_threshold", optional=False, low=0.0, high=1.0, high_open=True,
+              why="the best class probability below which a pixel becomes background")
+        check("window_batch", optional=False, low=1, integer=True)
+        check("area_threshold", low=0.0, high=1.0, high_open=True,
+              why="SCLIP's area rule: the largest share of the non-background prediction a dropped class covers")
+        crop, stride = self.resolved_crop(), self.resolved_stride()
+        if crop > 0 and stride > crop:  # windows would leave pixels uncovered: 0/0 = NaN there
+            default = f" ({self.method}'s default)"
+            stride_text = f"{stride}{default if self.stride is None else ''}"
+            crop_text = f"{crop}{default if self.crop is None else ''}"
+            raise ValueError(f"SegmentSettings.stride/crop: the window stride {stride_text} is larger than the crop "
+                             f"{crop_text}, so the windows would leave gaps; choose a stride ≤ the crop, or crop 0 "
+                             "for one pass over the whole image")
 
     @property
     def defaults(self) -> MethodDefaults:

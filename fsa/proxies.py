@@ -31,6 +31,7 @@ from .backbones import (
     model_dtype,
     fetch_hub_file,
     resolve_device,
+    tiny_test_hint,
 )
 from .config import PROXIES, TINY_TEST
 
@@ -255,7 +256,7 @@ def load_proxy(
                 ("model.safetensors", "pytorch_model.bin"),  # what timm itself looks for
                 what=f"proxy {canonical}",
                 alternatives="or set FSA_PROXY_CHECKPOINT to a local file, or pick a method other than "
-                "ProxyCLIP, or set FSA_MODEL=tiny-test to try the app with random weights",
+                "ProxyCLIP, " + tiny_test_hint(),
                 progress=progress,
             )
         report_progress(progress, 0.6, f"Building proxy {canonical}")

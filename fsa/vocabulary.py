@@ -6,12 +6,45 @@ separate text query; a class's probability is the maximum over its synonyms.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 
 BACKGROUND = "background"
+
+#: Characters that draw nothing although their Unicode category is a letter, mark or symbol:
+#: Hangul fillers, Khmer inherent vowels, Mongolian variation selectors, the combining grapheme
+#: joiner, variation selectors (Unicode's Default_Ignorable_Code_Point property,
+#: DerivedCoreProperties.txt) and the blank Braille pattern U+2800.
+_BLANK_CHARACTERS = frozenset(
+    "\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180e\u180f\u2800\u3164\uffa0"
+    + "".join(map(chr, range(0xFE00, 0xFE10))) + "".join(map(chr, range(0xE0100, 0xE01F0)))
+)
+
+
+def is_invisible(ch: str) -> bool:
+    """True for a character that shows nothing: white space, control and format characters (zero-width
+    space/joiners, BOM, bidi marks), separators, and :data:`_BLANK_CHARACTERS`."""
+    return ch.isspace() or ch in _BLANK_CHARACTERS or unicodedata.category(ch) in ("Cc", "Cf", "Zs", "Zl", "Zp")
+
+
+def _strip_invisible(name: str) -> str:
+    """``name`` without invisible characters at either end (inner ones, e.g. an emoji's joiner, stay)."""
+    start, end = 0, len(name)
+    while start < end and is_invisible(name[start]):
+        start += 1
+    while end > start and is_invisible(name[end - 1]):
+        end -= 1
+    return name[start:end]
+
+
+def _describe_invisible(name: str) -> str:
+    """'U+200B ZERO WIDTH SPACE, U+2060 WORD JOINER' for the distinct characters of ``name``."""
+    seen = list(dict.fromkeys(name))
+    shown = [f"U+{ord(ch):04X} {unicodedata.name(ch, '')}".rstrip() for ch in seen[:3]]
+    return ", ".join(shown) + (", ..." if len(seen) > 3 else "")
 
 
 @dataclass(frozen=True)
@@ -50,10 +83,11 @@ class Vocabulary:
 def parse_vocabulary(text: Union[str, Sequence[str], None], *, max_names: int = 500) -> Vocabulary:
     """Parse ``"cat; kitten, sofa\\nsky"`` into a :class:`Vocabulary`.
 
-    ``text`` may also be a list of class strings (each may hold ``;`` synonyms). Whitespace is
-    stripped and empty pieces dropped; a synonym repeated inside one class is kept once.
-    ``ValueError`` for: no names, a class listed twice, a name in two classes (case-insensitive),
-    more than ``max_names`` names.
+    ``text`` may also be a list of class strings (each may hold ``;`` synonyms). White space and
+    zero-width characters around names are stripped and empty pieces dropped; a synonym repeated
+    inside one class is kept once. ``ValueError`` for: a name with no visible character (only
+    zero-width, format or control characters), no names, a class listed twice, a name in two classes
+    (case-insensitive), more than ``max_names`` names.
     """
     if text is None:
         pieces: list[str] = []
@@ -66,7 +100,10 @@ def parse_vocabulary(text: Union[str, Sequence[str], None], *, max_names: int = 
     owner: dict[str, int] = {}  # lower-cased name -> class index
     for piece in pieces:
         kept: dict[str, str] = {}  # lower-cased -> first spelling: "cat; Cat" is one synonym
-        for name in (n.strip() for n in piece.split(";")):
+        for raw in piece.split(";"):
+            name = _strip_invisible(raw)
+            if not name and raw.strip():  # something was typed, but nothing that shows
+                raise ValueError(_invisible_name_message(raw.strip(), len(classes), tuple(kept.values()), classes))
             if name:
                 kept.setdefault(name.lower(), name)
         synonyms = tuple(kept.values())
@@ -92,6 +129,17 @@ def parse_vocabulary(text: Union[str, Sequence[str], None], *, max_names: int = 
     if total > max_names:
         raise ValueError(f"the vocabulary has {total} names; at most {max_names} are allowed, remove some")
     return Vocabulary(tuple(classes))
+
+
+def _invisible_name_message(raw: str, index: int, synonyms: tuple[str, ...],
+                            classes: list[tuple[str, ...]]) -> str:
+    """Which name (class ``index``, 0-based, after ``synonyms`` of the same class) shows nothing."""
+    if synonyms:
+        where = f"synonym {len(synonyms) + 1} of class {index + 1} ({'; '.join(synonyms)!r})"
+    else:
+        where = f"class {index + 1}" + (f" (after {'; '.join(classes[-1])!r})" if classes else " (the first)")
+    return (f"{where} of the vocabulary is {raw!r}, which has no visible character ({_describe_invisible(raw)}); "
+            "type a name there or remove it")
 
 
 def aggregate_synonyms(probs: torch.Tensor, vocab: Vocabulary, dim: int) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -101,6 +102,69 @@ def test_errors_reach_the_client_as_messages(client, photo_path):
         client.predict(handle_file(photo_path), "cup, cup", api_name="/segment")
     with pytest.raises(AppError, match="Upload an image"):
         client.predict(None, "cup", api_name="/segment")
+
+
+def _raw_call(url: str, api: str, data: list) -> tuple[str, object]:
+    """POST ``data`` to the HTTP API as JSON, NaN allowed (as `requests` or a load tester sends it; gradio_client
+    refuses to encode NaN), and return (event, payload) of the answer: ("complete", outputs) or ("error", {...})."""
+    import httpx
+
+    base = url.rstrip("/") + "/gradio_api"
+    body = json.dumps({"data": data})  # allow_nan: NaN goes out as the bare literal NaN
+    event_id = httpx.post(f"{base}/call/{api}", content=body, headers={"content-type": "application/json"},
+                          timeout=30).json()["event_id"]
+    text = httpx.get(f"{base}/call/{api}/{event_id}", timeout=120).text
+    events = [block.splitlines() for block in text.strip().split("\n\n")]
+    event, data_line = events[-1][0], events[-1][1]
+    return event.removeprefix("event: "), json.loads(data_line.removeprefix("data: "))
+
+
+@pytest.fixture(scope="module")
+def uploaded_photo(server, photo_path):
+    import httpx
+
+    with open(photo_path, "rb") as f:
+        path = httpx.post(server[1].rstrip("/") + "/gradio_api/upload", files={"files": f}, timeout=30).json()[0]
+    return {"path": path, "meta": {"_type": "gradio.FileData"}}
+
+
+def test_nan_lambda_sent_as_json_is_a_specific_error_not_a_mask(server, uploaded_photo, compare_calls, capfd):
+    nan = float("nan")
+    event, payload = _raw_call(server[1], "segment", [uploaded_photo, "cup, table", "clearclip", True, True, True,
+                                                      True, nan, 0.45])
+    assert event == "error", payload
+    assert payload["error"] == "λ (scaling of the similarity) must be a finite number in [0, 10], got nan"
+    assert payload["title"] == "Check the inputs"
+    for p in (nan, float("inf")):  # the top-p too
+        event, payload = _raw_call(server[1], "segment", [uploaded_photo, "cup", "clearclip", True, True, True, True,
+                                                          3.0, p])
+        assert event == "error" and "p (top-p kept by pruning) must be a finite number in [0.05, 1]" in payload["error"]
+    assert compare_calls == []
+    assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("short_side", [float("nan"), float("inf"), 5])
+def test_bad_short_side_in_compare_all_is_a_specific_error(server, uploaded_photo, short_side, compare_calls):
+    event, payload = _raw_call(server[1], "compare_all", [uploaded_photo, "cup, table", None, True, True, True, True,
+                                                          3.0, 0.45, short_side, 0.0])
+    assert event == "error" and payload["error"] is not None, payload
+    assert payload["error"].startswith("Short side (pixels) must be a finite number in [16, 2048], got ")
+    assert compare_calls == []
+
+
+def test_user_errors_reach_gradio_client_with_our_message_and_log_one_line(client, photo_path, capfd, caplog):
+    caplog.set_level("INFO", logger="fsa.app")
+    with pytest.raises(AppError, match=r"^λ \(scaling of the similarity\) must be a finite number in \[0, 10\], "
+                                       r"got 1e\+06$"):
+        client.predict(handle_file(photo_path), "cup", "clearclip", True, True, True, True, 1e6, 0.45,
+                       api_name="/segment")
+    with pytest.raises(AppError, match=re.escape("class 2 (after 'cup') of the vocabulary is '\\u200b', which has "
+                                                 "no visible character (U+200B ZERO WIDTH SPACE)")):
+        client.predict(handle_file(photo_path), "cup, \u200b", api_name="/segment")
+    assert "Traceback" not in capfd.readouterr().err  # Gradio prints none for our errors
+    lines = [r.getMessage() for r in caplog.records if r.name == "fsa.app"]
+    assert len(lines) == 2 and all(r.exc_info is None for r in caplog.records if r.name == "fsa.app"), lines
+    assert lines[0].startswith("input: λ") and lines[1].startswith("api_segment: Check the inputs: class 2")
 
 
 def test_compare_all(client, photo_path):

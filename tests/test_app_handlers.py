@@ -1,6 +1,7 @@
 """The page's callbacks (app.DemoApp), called directly with the tiny random model (FSA_MODEL=tiny-test)."""
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from PIL import Image
 import app as demo_app
 from _app_fixtures import count_compare_calls
 import fsa
+from fsa.checks import NumericalError
 from fsa.config import METHOD_DEFAULTS, METHODS
 from fsa.vocabulary import parse_vocabulary
 
@@ -280,3 +282,100 @@ def test_gpu_function_results_are_picklable(app, photo):
     settings = app.settings("clearclip", True, True, True, True, 3.0, 0.45)
     baseline, fsa_result = pickle.loads(pickle.dumps(app._infer_impl(None, photo, "cup, table", settings)))
     assert fsa_result.explain(10, 10).num_heads >= 1
+
+
+# --------------------------------------------------------------------------- user errors vs bugs in the log
+def _records(caplog):
+    return [r for r in caplog.records if r.name == "fsa.app"]
+
+
+@pytest.mark.parametrize(
+    "error, shown",
+    [
+        (ValueError("FeedbackConfig.lam must be a finite number in [0, 88], got nan\n(λ)"),
+         "FeedbackConfig.lam must be a finite number in [0, 88], got nan\n(λ)"),
+        (gr.Error("Upload an image first.", title="No image"), "Upload an image first."),
+        (FileNotFoundError("image file not found: x.png"), "image file not found: x.png"),
+        (fsa.WeightsUnavailableError("ViT-B-16 CLIP weights are not in the cache"),
+         "Model weights unavailable: ViT-B-16 CLIP weights are not in the cache"),
+        (MemoryError(), "Out of memory"),
+    ],
+)
+def test_a_user_error_is_one_log_line_without_traceback(error, shown, caplog):
+    def callback():
+        raise error
+
+    caplog.set_level("INFO", logger="fsa.app")
+    with pytest.raises(gr.Error) as info:
+        demo_app.friendly_errors(callback)()
+    assert info.value.message.startswith(shown)
+    assert info.value.print_exception is False  # or Gradio prints the traceback itself
+    records = _records(caplog)
+    assert len(records) == 1, [r.getMessage() for r in records]
+    line = records[0].getMessage()
+    assert records[0].exc_info is None and "\n" not in line and "Traceback" not in caplog.text
+    assert line.startswith("callback: ") and " ".join(shown.split()) in line
+
+
+@pytest.mark.parametrize("error", [RuntimeError("index 7 is out of bounds"), KeyError("internal"),
+                                   NumericalError("class probabilities: 3 NaN and 0 infinite values out of 6")])
+def test_a_bug_logs_its_traceback(error, caplog):
+    def callback():
+        raise error
+
+    with pytest.raises(gr.Error) as info:
+        demo_app.friendly_errors(callback)()
+    assert info.value.print_exception is False  # logged once, by us
+    records = _records(caplog)
+    assert len(records) == 1 and records[0].levelname == "ERROR"
+    assert records[0].exc_info is not None and "Traceback" in caplog.text and type(error).__name__ in caplog.text
+    if isinstance(error, NumericalError):
+        assert info.value.message.startswith("class probabilities: 3 NaN")
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("lam", float("nan"), "FeedbackConfig.lam must be a finite number in [0, 88], got nan"),
+        ("lam", 1e6, "FeedbackConfig.lam must be a finite number in [0, 88], got 1e+06"),
+        ("lam", None, "FeedbackConfig.lam must be a finite number in [0, 88], got None"),
+        ("p", float("inf"), "FeedbackConfig.p must be a finite number in (0, 1], got inf"),
+        ("short_side", float("nan"), "SegmentSettings.short_side must be a whole number in [16, 2048], got nan"),
+        ("short_side", 1e9, "SegmentSettings.short_side must be a whole number in [16, 2048], got 1e+09"),
+        ("crop", float("nan"), "SegmentSettings.crop must be a whole number ≥ 16"),
+        ("stride", float("inf"), "SegmentSettings.stride must be a whole number ≥ 1, got inf"),
+        ("stride", -5, "SegmentSettings.stride must be a whole number ≥ 1, got -5"),
+        ("logit_scale", float("-inf"), "SegmentSettings.logit_scale must be a finite number in (0, 1000], got -inf"),
+        ("bg_threshold", float("nan"), "SegmentSettings.prob_threshold must be a finite number in [0, 1), got nan"),
+    ],
+)
+def test_bad_numbers_in_the_fields_give_specific_errors(app, photo, field, value, message, compare_calls, caplog):
+    fields = dict(lam=3.0, p=0.45, short_side=64, crop=224, stride=112, logit_scale=40.0, bg_threshold=0.0)
+    fields[field] = value
+    fn = demo_app.friendly_errors(app.run)
+    with pytest.raises(gr.Error, match=re.escape(message)) as info:
+        fn(None, photo, VOCAB, "clearclip", app.default_backbone, True, True, True, True, fields["lam"], fields["p"],
+           fields["short_side"], fields["crop"], fields["stride"], fields["logit_scale"], fields["bg_threshold"],
+           progress=None)
+    assert info.value.title == "Check the inputs" and compare_calls == []  # no forward pass, so no mask
+    assert "Traceback" not in caplog.text
+
+
+def test_number_inputs_are_checked_before_gradio_converts_them():
+    with gr.Blocks() as demo:
+        side = gr.Number(448, label="Short side (pixels)", precision=0, minimum=16, maximum=2048)
+        lam = gr.Slider(0.0, 10.0, value=3.0, label="λ")
+        free = gr.Number(label="x")
+    demo_app.check_number_inputs(demo)
+    assert side.preprocess(448.0) == 448 and lam.preprocess(2.5) == 2.5 and free.preprocess(None) is None
+    cases = [(side, float("nan"), "Short side (pixels) must be a finite number in [16, 2048], got nan"),
+             (side, float("inf"), "Short side (pixels) must be a finite number in [16, 2048], got inf"),
+             (side, 8, "Short side (pixels) must be a finite number in [16, 2048], got 8"),
+             (lam, float("nan"), "λ must be a finite number in [0, 10], got nan"),
+             (lam, 1e6, "λ must be a finite number in [0, 10], got 1e+06"),
+             (lam, "3", "λ must be a finite number in [0, 10], got '3'"),
+             (free, float("-inf"), "x must be a finite number, got -inf")]
+    for component, payload, message in cases:
+        with pytest.raises(gr.Error, match=re.escape(message)) as info:
+            component.preprocess(payload)
+        assert info.value.print_exception is False

@@ -89,7 +89,7 @@ def test_segment_in_process_proxyclip_baseline(image_path, tmp_path, capsys, mon
         (["{img}", "--classes", "cat", "--proxy", "mae"], "unknown proxy model 'mae'"),
         (["{img}", "--classes", "cat", "--device", "tpu9"], "invalid device 'tpu9'"),
         (["{img}", "--classes", "cat", "--out", "{tmp}/no/such/dir/m.png"], "output folder"),
-        (["{img}", "--classes", "cat", "--p", "0"], "FeedbackConfig.p must be in (0, 1]"),
+        (["{img}", "--classes", "cat", "--p", "0"], "--p: FeedbackConfig.p must be a finite number in (0, 1], got 0"),
         (["{img}", "--classes", "cat", "--checkpoint", "{tmp}/none.pt"], "checkpoint file not found"),
         (["{tmp}/text.png", "--classes", "cat"], "cannot read"),
     ],
@@ -104,6 +104,117 @@ def test_failures_are_one_line(args, message, image_path, tmp_path, capsys, monk
     assert code == 1
     assert len(err.strip().splitlines()) == 1 and err.startswith("fsa: error: ") and message in err, err
     assert not (tmp_path / "mask.png").exists()
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a Segmenter is made (a model would load); returns the list of attempts."""
+    import fsa.segmenter
+
+    attempts: list = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise AssertionError("a Segmenter was made: the check came after the model load")
+
+    monkeypatch.setattr(fsa.segmenter, "Segmenter", refuse)
+    return attempts
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lam", "nan"], "--lam: FeedbackConfig.lam must be a finite number in [0, 88], got nan"),
+        (["--lam", "inf"], "--lam: FeedbackConfig.lam must be a finite number in [0, 88], got inf"),
+        (["--lam", "1e6"], "--lam: FeedbackConfig.lam must be a finite number in [0, 88], got 1e+06"),
+        (["--lam", "nan", "--no-fsa"], "--lam: FeedbackConfig.lam"),
+        (["--p", "0"], "--p: FeedbackConfig.p must be a finite number in (0, 1], got 0"),
+        (["--p", "2"], "--p: FeedbackConfig.p must be a finite number in (0, 1], got 2"),
+        (["--p", "nan"], "--p: FeedbackConfig.p must be a finite number in (0, 1], got nan"),
+        (["--short-side", "0"], "--short-side: SegmentSettings.short_side must be a whole number in [16, 2048], got 0"),
+        (["--short-side", "100000"], "SegmentSettings.short_side must be a whole number in [16, 2048], got 100000"),
+        (["--crop", "8"], "--crop: SegmentSettings.crop must be a whole number ≥ 16"),
+        (["--stride", "0"], "--stride: SegmentSettings.stride must be a whole number ≥ 1, got 0"),
+        (["--crop", "100"], "the window stride 224 (clearclip's default) is larger than the crop 100"),
+        (["--threshold", "nan"], "--threshold: SegmentSettings.prob_threshold must be a finite number in [0, 1), "
+                                 "got nan"),
+        (["--out", "{tmp}"], "--out {tmp} is a folder; give a file name, e.g. --out {tmp}/mask.png"),
+        (["--out", "mask"], "--out mask has no file extension, so the image format is unknown; end it with .png"),
+        (["--out", "{tmp}/mask."], "has no file extension"),
+        (["--out", "mask.txt"], "--out mask.txt: cannot write a colour mask as '.txt'; end the name with .png"),
+        (["--out", "mask.xbm"], "cannot write a colour mask as '.xbm'"),  # Pillow knows XBM, but only 1-bit
+        (["--classes", "cat, \u200b"], "class 2 (after 'cat') of the vocabulary is '\\u200b', which has no "
+                                        "visible character (U+200B ZERO WIDTH SPACE)"),
+    ],
+)
+def test_bad_values_fail_in_one_line_before_any_model_loads(args, message, image_path, tmp_path, capsys,
+                                                            monkeypatch, no_model):
+    monkeypatch.chdir(tmp_path)
+    args = [a.format(tmp=tmp_path) for a in args]
+    argv = ["segment", str(image_path), "--classes", "cat", "--backbone", "tiny-test", *args]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 1 and no_model == []
+    assert len(err.strip().splitlines()) == 1 and err.startswith("fsa: error: "), err
+    assert message.format(tmp=tmp_path) in err, err
+    assert not list(tmp_path.glob("mask*"))
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".PNG"])
+def test_output_formats_that_are_suggested_are_writable(suffix, tmp_path):
+    out = cli.check_output_path(str(tmp_path / f"m{suffix}"))
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(out)
+    assert Image.open(out).size == (4, 4)
+
+
+def test_bad_value_subprocess_is_fast_and_one_line(image_path, tmp_path):
+    """The whole process, as a user runs it: no model loads, so it ends in import time."""
+    proc, seconds = _run(["segment", str(image_path), "--classes", "cat", "--lam", "nan",
+                          "--out", str(tmp_path / "m.png")], {"FSA_MODEL": "ViT-B-16"})
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("fsa: error: --lam: FeedbackConfig.lam") and proc.stderr.count("\n") == 1
+    assert "weights" not in proc.stderr  # ViT-B-16 was never looked for
+    assert seconds < 60  # generous for a loaded machine; a model load offline would name the weights above
+
+
+def test_offline_hint_does_not_suggest_what_is_already_set(image_path, tmp_path, capsys, monkeypatch):
+    """FSA_MODEL=tiny-test with --backbone ViT-B-16: the way out is the tiny-test backbone, not the variable."""
+    import huggingface_hub
+
+    monkeypatch.setenv("FSA_MODEL", "tiny-test")
+    monkeypatch.delenv("FSA_CHECKPOINT", raising=False)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)  # nothing cached
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: True)
+    code = cli.main(["segment", str(image_path), "--classes", "cat", "--backbone", "ViT-B-16",
+                     "--out", str(tmp_path / "m.png")])
+    err = capsys.readouterr().err
+    assert code == 1 and "ViT-B-16 CLIP weights" in err
+    assert "set FSA_MODEL=tiny-test" not in err
+    assert "choose the tiny-test backbone (--backbone tiny-test" in err and "FSA_MODEL is already tiny-test" in err
+
+    monkeypatch.setenv("FSA_MODEL", "ViT-B-16")
+    assert cli.main(["segment", str(image_path), "--classes", "cat", "--out", str(tmp_path / "m.png")]) == 1
+    assert "or set FSA_MODEL=tiny-test to try the app with random weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fsa_model, expected", [("tiny-test", "choose the tiny-test backbone"),
+                                                  ("tiny", "choose the tiny-test backbone"),
+                                                  ("ViT-B-16", "set FSA_MODEL=tiny-test"),
+                                                  ("", "set FSA_MODEL=tiny-test")])
+def test_proxy_offline_hint(fsa_model, expected, monkeypatch):
+    import huggingface_hub
+
+    import fsa
+    from fsa.proxies import load_proxy
+
+    monkeypatch.setenv("FSA_MODEL", fsa_model)
+    monkeypatch.delenv("FSA_PROXY_CHECKPOINT", raising=False)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: True)
+    with pytest.raises(fsa.WeightsUnavailableError) as info:
+        load_proxy("dino-b8", device="cpu")
+    assert expected in str(info.value)
+    assert ("set FSA_MODEL=tiny-test" in str(info.value)) == (expected == "set FSA_MODEL=tiny-test")
 
 
 @pytest.mark.parametrize(

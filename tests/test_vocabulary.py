@@ -80,3 +80,46 @@ def test_aggregate_without_synonyms_and_wrong_size():
     assert torch.equal(aggregate_synonyms(probs, vocab, dim=0), probs)
     with pytest.raises(ValueError, match="expected 2 queries on dim 1"):
         aggregate_synonyms(probs, vocab, dim=1)
+
+
+# --------------------------------------------------------------------------- invisible names
+ZWSP, ZWJ, BOM, WORD_JOINER = "\u200b", "\u200d", "\ufeff", "\u2060"
+
+
+def test_zero_width_characters_around_names_are_stripped():
+    vocab = parse_vocabulary(f"{BOM}cat{ZWSP}, {ZWSP} dog{WORD_JOINER}; {ZWSP}puppy\n\u3000sky\u00a0")
+    assert vocab.classes == (("cat",), ("dog", "puppy"), ("sky",))
+    # "cat" and "cat" + zero-width space are one class, so repeating it is still caught
+    with pytest.raises(ValueError, match="class 'cat' is listed twice"):
+        parse_vocabulary(f"cat, cat{ZWSP}")
+
+
+def test_characters_inside_names_are_kept():
+    vocab = parse_vocabulary("👩\u200d💻, café, cafe\u0301, 猫, ﾈｺ")
+    assert vocab.class_names == ("👩\u200d💻", "café", "cafe\u0301", "猫", "ﾈｺ")
+
+
+@pytest.mark.parametrize(
+    "text, where, shown, described",
+    [
+        (f"cat, {ZWSP}", "class 2 (after 'cat')", r"'\u200b'", "U+200B ZERO WIDTH SPACE"),
+        (f"{ZWSP}, cat", "class 1 (the first)", r"'\u200b'", "U+200B ZERO WIDTH SPACE"),
+        (f"cat; kitten; {ZWJ}{ZWSP}, dog", "synonym 3 of class 1 ('cat; kitten')", r"'\u200d\u200b'",
+         "U+200D ZERO WIDTH JOINER, U+200B ZERO WIDTH SPACE"),
+        ("cat, dog, \u3164", "class 3 (after 'dog')", "'\u3164'", "U+3164 HANGUL FILLER"),
+        ("cat, \u2800", "class 2 (after 'cat')", "'\u2800'", "U+2800 BRAILLE PATTERN BLANK"),
+        ("cat, \u202e\u200e", "class 2 (after 'cat')", r"'\u202e\u200e'",
+         "U+202E RIGHT-TO-LEFT OVERRIDE, U+200E LEFT-TO-RIGHT MARK"),
+        ("cat, \x00\x07", "class 2 (after 'cat')", r"'\x00\x07'", "U+0000, U+0007"),
+        (["cat", "\ufe0f"], "class 2 (after 'cat')", "'\ufe0f'", "U+FE0F VARIATION SELECTOR-16"),
+    ],
+)
+def test_names_with_no_visible_character_are_rejected(text, where, shown, described):
+    expected = (f"{where} of the vocabulary is {shown}, which has no visible character ({described}); "
+                "type a name there or remove it")
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        parse_vocabulary(text)
+
+
+def test_white_space_alone_is_still_an_empty_piece():
+    assert parse_vocabulary("cat, \t , \u3000,\u00a0, dog").class_names == ("cat", "dog")
