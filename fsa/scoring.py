@@ -92,8 +92,8 @@ def _check_indices(labels: np.ndarray, class_names: Sequence[str]) -> None:
     shown = ", ".join(str(int(v)) for v in values[:_SHOWN]) + (", …" if len(values) > _SHOWN else "")
     raise ValueError(
         f"the reference mask has {_count(int(counts.sum()), 'pixel')} with "
-        f"{'value' if len(values) == 1 else 'values'} {shown} that name no class: "
-        f"there are {n} classes ({_class_listing(class_names)}), so the values must lie in 0..{n - 1}, "
+        + (f"value {shown}, not a class index: " if len(values) == 1 else f"values {shown}, not class indices: ")
+        + f"there are {n} classes ({_class_listing(class_names)}), so the values must lie in 0..{n - 1}, "
         f"in the order of the vocabulary, with {IGNORE_INDEX} for pixels to ignore")
 
 
