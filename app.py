@@ -601,7 +601,7 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
         api_attention.click(wrap(app.api_attention), [record, image, classes, method, query_x, query_y, head],
                             attention + [record], api_name="attention", **model_job)
         score_button.click(wrap(app.score), [record, score_reference], [score_table, score_errors],
-                           api_visibility="private", concurrency_limit=4)
+                           api_name="score_button", api_visibility="private", concurrency_limit=4)
         api_score.click(wrap(app.api_score), [record, image, classes, method, score_reference],
                         [score_table, score_errors, record], api_name="score", **model_job)
     demo.queue(max_size=64, default_concurrency_limit=2)
