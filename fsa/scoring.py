@@ -139,7 +139,8 @@ def _from_colours(array: np.ndarray, class_names: Sequence[str], colors: np.ndar
         top = np.argsort(-counts, kind="stable")[:_SHOWN]
         shown = ", ".join(f"({v >> 16}, {(v >> 8) & 255}, {v & 255}) × {c}"
                           for v, c in zip(values[top].tolist(), counts[top].tolist()))
-        palette = ", ".join(f"{name} = {tuple(int(x) for x in colors[i])}" for i, name in enumerate(class_names))
+        palette = ", ".join(f"{name} = {tuple(int(x) for x in colors[i])}" for i, name in enumerate(class_names[:12]))
+        palette += ", …" if len(class_names) > 12 else ""
         hints = []
         if (file_format or "").upper() == "JPEG":
             hints.append("JPEG compression changes colours: save the mask as PNG")
@@ -148,8 +149,8 @@ def _from_colours(array: np.ndarray, class_names: Sequence[str], colors: np.ndar
             hints.append("if these are class indices saved as RGB, save the mask as a single-channel (L) PNG")
         raise ValueError(
             f"the reference mask has {_count(int(counts.sum()), 'pixel')} in {_count(len(values), 'colour')} "
-            f"that are not class colours: {shown}{', …' if len(values) > _SHOWN else ''} (colour × pixels). A colour mask must use "
-            f"exactly the app's colours ({palette}); black and white mean ignore"
+            f"that are not class colours: {shown}{', …' if len(values) > _SHOWN else ''} (colour × pixels). "
+            f"A colour mask must use exactly the app's colours ({palette}); black and white mean ignore"
             + "".join(f". {h[0].upper()}{h[1:]}" for h in hints))
     return labels
 
@@ -211,7 +212,8 @@ class ScoreReport:
             lines += [f"| {_cell_text(name)} | {_pct(b)} |" for name, b, _ in rows + summary]
         else:
             lines = [f"| class | {base} IoU | {base} + FSA IoU | Δ |", "|---|---:|---:|---:|"]
-            lines += [f"| {_cell_text(name)} | {_pct(b)} | {_pct(f)} | {_delta(b, f)} |" for name, b, f in rows + summary]
+            lines += [f"| {_cell_text(name)} | {_pct(b)} | {_pct(f)} | {_delta(b, f)} |"
+                      for name, b, f in rows + summary]
         note = (f"\n\n{self.labelled_pixels} labelled pixels, {self.ignored_pixels} ignored. IoU and accuracies "
                 "in %, mmseg's rules: n/a = class neither in the reference nor predicted (left out of the means); "
                 "a class predicted but absent from the reference has IoU 0 and counts.")
