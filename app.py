@@ -33,6 +33,7 @@ import fsa
 from fsa import visualize as viz
 from fsa.checks import NumericalError, check_number
 from fsa.config import BACKBONES, METHOD_DEFAULTS, METHOD_LABELS, METHODS, TINY_TEST, default_lambda
+from fsa.scoring import read_reference_mask, score_against
 
 log = logging.getLogger("fsa.app")
 
@@ -49,6 +50,7 @@ EXAMPLES: list[tuple[str, str, str]] = [
 ]
 MEAN_HEADS = "mean over heads"
 NO_RUN_MESSAGE = "Run a segmentation first (press “Segment”), then click a point on the image or on a mask."
+NO_RUN_SCORE_MESSAGE = "Run a segmentation first (press “Segment”), then score it against a reference mask."
 SHORT_SIDE_DEFAULT = 448
 TITLE = "FSA: Feedback Self-adaptive Attention for CLIP segmentation"
 INTRO = """\
@@ -482,6 +484,40 @@ class DemoApp:
             text += "; the FSA switch is off, but this view always shows both columns"
         return grid, text + "".join(f"\n\n{n}" for n in notes)
 
+    # -- scoring against a reference mask -----------------------------------------------------------
+    def score(self, record, reference_file):
+        """Score button: the session's last run against an uploaded reference mask → table, error maps."""
+        if record is None:
+            raise gr.Error(NO_RUN_SCORE_MESSAGE, title="Nothing to score yet")
+        if not reference_file:
+            raise gr.Error("Upload a reference mask first: a PNG of class indices (vocabulary order, 255 = "
+                           "ignore) or of the app's class colours.", title="No reference mask")
+        names = record.baseline.class_names
+        reference = read_reference_mask(str(reference_file), names, viz.class_colors(names))
+        report = score_against(record.baseline, record.fsa, reference)
+        label = METHOD_LABELS.get(record.baseline.method, record.baseline.method)
+        results = [(label, record.baseline, report.baseline)]
+        if record.fsa is not None:
+            results.append((f"{label} + FSA", record.fsa, report.fsa))
+        maps = viz.error_maps(record.baseline.image, [r.labels for _, r, _ in results], reference,
+                              [f"{name}: {100 - s.aacc:.1f}% wrong" for name, _, s in results])
+        return report.markdown(label), maps
+
+    def api_score(self, record, image, vocabulary, method, reference, progress=gr.Progress()):
+        """/score: (image, vocabulary, method, reference mask file) → IoU table (markdown), error maps.
+
+        Runs the baseline with FSA at its default settings, or reuses this session's forward pass made
+        for the same image, vocabulary and method (as /attention does).
+        """
+        self._check_inputs(image, vocabulary)
+        if not reference:
+            raise gr.Error("Give a reference mask file (PNG).", title="No reference mask")
+        settings = self.settings(method, True, True, True, True, default_lambda(self.default_backbone), 0.45)
+        key = (image_digest(image), vocabulary, self.default_backbone, settings)
+        if record is None or record.key != key:
+            record = self._run(image, vocabulary, None, settings, progress)
+        return self.score(record, reference) + (record,)
+
     @staticmethod
     def method_defaults(method: str):
         """Method selector: put that method's window crop, stride and logit scale in the fields."""
@@ -577,6 +613,18 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
             compare_grid = gr.Image(label="Every baseline, without and with FSA", type="numpy", format="png",
                                     interactive=False, elem_id="compare-grid")
             compare_info = gr.Markdown("", label="Compare notes", elem_id="compare-info")
+        with gr.Accordion("Score against a reference mask", open=False, elem_id="score-section"):
+            gr.Markdown("Upload the ground truth of the image you segmented: a PNG of class indices in the order "
+                        "of the vocabulary (255 = ignore), or a colour PNG in the app's class colours (black, "
+                        "white and transparent = ignore), of the image's exact size. The last run is scored.")
+            with gr.Row():
+                score_reference = gr.File(label="Reference mask (PNG)", file_types=["image"], type="filepath",
+                                          elem_id="score-reference", scale=2)
+                score_button = gr.Button("Score", elem_id="score-run", scale=1)
+            score_table = gr.Markdown("", label="Per-class IoU", elem_id="score-table")
+            score_errors = gr.Image(label="Error maps (red: wrong)", type="numpy", format="png", interactive=False,
+                                    elem_id="score-errors")
+            api_score = gr.Button("api-score", visible=False)
         # Hidden inputs of the /attention endpoint and triggers of the two API endpoints.
         with gr.Row(visible=False):
             query_x = gr.Number(label="x", elem_id="query-x")
@@ -607,6 +655,10 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
                           [mask_baseline, mask_fsa, run_info, record], api_name="segment", **model_job)
         api_attention.click(wrap(app.api_attention), [record, image, classes, method, query_x, query_y, head],
                             attention + [record], api_name="attention", **model_job)
+        score_button.click(wrap(app.score), [record, score_reference], [score_table, score_errors],
+                           api_name="score_button", api_visibility="private", concurrency_limit=4)
+        api_score.click(wrap(app.api_score), [record, image, classes, method, score_reference],
+                        [score_table, score_errors, record], api_name="score", **model_job)
     check_number_inputs(demo)
     demo.queue(max_size=64, default_concurrency_limit=2)
     return demo

@@ -20,6 +20,10 @@ MARKER_COLOR: tuple[int, int, int] = (0, 255, 255)
 BACKGROUND_COLOR: tuple[int, int, int] = (128, 128, 128)
 #: factor applied to patches outside the kept set and to pixels outside the window
 DIM_FACTOR = 0.35
+#: colour of wrongly labelled pixels in `error_map` (brighter than any dimmed pixel, so never ambiguous)
+ERROR_COLOR: tuple[int, int, int] = (255, 0, 0)
+#: the two greys of the diagonal hatch over ignored pixels in `error_map` (both above any dimmed pixel)
+IGNORE_HATCH: tuple[tuple[int, int, int], tuple[int, int, int]] = ((150, 150, 150), (205, 205, 205))
 
 # Hand-picked, high-contrast first colours (Kelly's list, minus near-greys); more are generated.
 _BASE_COLORS = np.array(
@@ -371,8 +375,79 @@ def compare_grid(
     return np.concatenate(parts, axis=0)
 
 
+def error_map(image, labels: np.ndarray, reference: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """Where a prediction disagrees with a reference mask, ``(H, W, 3) uint8``.
+
+    image ``(H, W, 3)``; labels, reference ``(H, W)`` class indices (reference: ``ignore_index`` =
+    ignore). Correct pixels: the image dimmed by `DIM_FACTOR`; wrong pixels: `ERROR_COLOR`; ignored
+    pixels: a diagonal hatch of the two `IGNORE_HATCH` greys (4 px stripes).
+    """
+    img = _as_rgb_uint8(image)
+    labels, reference = np.asarray(labels), np.asarray(reference)
+    if labels.shape != img.shape[:2] or reference.shape != img.shape[:2]:
+        raise ValueError(f"image {img.shape[:2]}, labels {labels.shape} and reference {reference.shape} "
+                         "must have the same height and width")
+    out = np.clip(img.astype(np.float32) * DIM_FACTOR + 0.5, 0, 255).astype(np.uint8)
+    ignored = reference == ignore_index
+    out[~ignored & (labels != reference)] = ERROR_COLOR
+    yy, xx = np.indices(reference.shape)
+    hatch = np.array(IGNORE_HATCH, np.uint8)[((yy + xx) // 4) % 2]
+    out[ignored] = hatch[ignored]
+    return out
+
+
+def error_key(width: int, font_size: int = 14) -> np.ndarray:
+    """A legend strip ``(h, width, 3)`` for `error_map`: wrong / correct / ignored."""
+    dimmed = tuple(int(round(c * DIM_FACTOR)) for c in (200, 200, 200))
+    return legend(["wrong", "correct (image dimmed)", "ignored (255)"],
+                  np.array([ERROR_COLOR, dimmed, IGNORE_HATCH[0]], np.uint8), width=width, font_size=font_size)
+
+
+def side_by_side(images: Sequence[np.ndarray], captions: Sequence[str], gap: int = 6,
+                 footer: Optional[np.ndarray] = None, font_size: Optional[int] = None) -> np.ndarray:
+    """Images in one row at their own size, each under a caption strip, on white; ``footer``
+    (e.g. `error_key`) appended below, left-aligned (shrunk if wider than the row)."""
+    if len(images) != len(captions) or not images:
+        raise ValueError("one caption per image, and at least one image")
+    cells = [_as_rgb_uint8(im) for im in images]
+    size = font_size or max(14, round(max(c.shape[1] for c in cells) / 30))
+
+    def caption(text: str, w: int) -> np.ndarray:
+        fit = size  # shrink the font (down to 8 px) until the caption fits the image's width
+        while fit > 8 and _text_width(_font(fit), text) > w - 12:
+            fit -= 1
+        strip = _text_strip(text, w, fit, (255, 255, 255))
+        return np.concatenate([strip, np.full((size - fit, w, 3), 255, np.uint8)], axis=0)
+
+    cells = [np.concatenate([caption(str(t), c.shape[1]), c], axis=0) for t, c in zip(captions, cells)]
+    height = max(c.shape[0] for c in cells)
+    width = sum(c.shape[1] for c in cells) + gap * (len(cells) - 1)
+    row = np.full((height, width, 3), 255, np.uint8)
+    x = 0
+    for c in cells:
+        row[: c.shape[0], x : x + c.shape[1]] = c
+        x += c.shape[1] + gap
+    if footer is None:
+        return row
+    foot = _as_rgb_uint8(footer)
+    if foot.shape[1] > width:
+        foot = _fit(foot, width)
+    padded = np.full((foot.shape[0], width, 3), 255, np.uint8)
+    padded[:, : foot.shape[1]] = foot
+    return np.concatenate([row, padded], axis=0)
+
+
+def error_maps(image, predictions: Sequence[np.ndarray], reference: np.ndarray, captions: Sequence[str],
+               ignore_index: int = 255) -> np.ndarray:
+    """`error_map` of each prediction side by side, captioned, with the `error_key` below."""
+    maps = [error_map(image, labels, reference, ignore_index) for labels in predictions]
+    size = max(14, round(maps[0].shape[1] / 30)) if maps else 14
+    width = sum(m.shape[1] for m in maps) + 6 * (len(maps) - 1)
+    return side_by_side(maps, captions, footer=error_key(max(width, 1), size), font_size=size)
+
+
 __all__ = [
-    "BACKGROUND_COLOR", "MARKER_COLOR", "apply_colormap", "class_bar_chart", "class_colors", "colorize",
-    "compare_grid", "heatmap_overlay", "legend", "overlay", "palette", "patch_box", "segmentation_panel",
-    "with_legend",
+    "BACKGROUND_COLOR", "ERROR_COLOR", "IGNORE_HATCH", "MARKER_COLOR", "apply_colormap", "class_bar_chart",
+    "class_colors", "colorize", "compare_grid", "error_key", "error_map", "error_maps", "heatmap_overlay",
+    "legend", "overlay", "palette", "patch_box", "segmentation_panel", "side_by_side", "with_legend",
 ]

@@ -49,7 +49,7 @@ def compare_calls(server, monkeypatch):
 
 def test_api_lists_the_named_endpoints_only(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/segment", "/attention", "/compare_all"} == names
+    assert {"/segment", "/attention", "/compare_all", "/score"} == names
 
 
 def test_segment_returns_both_masks(client, photo_path):
@@ -170,6 +170,33 @@ def test_user_errors_reach_gradio_client_with_our_message_and_log_one_line(clien
 def test_compare_all(client, photo_path):
     grid, text = client.predict(handle_file(photo_path), "cup, table", api_name="/compare_all")
     assert Image.open(grid).size[0] == 2 * 256 + 3 * 4 and "baselines" in text
+
+
+def test_score_against_a_reference_mask(server, client, photo_path, tmp_path):
+    from fsa.config import default_lambda
+    from fsa.scoring import score_against
+
+    vocabulary = "cup; mug, table, background"
+    ref = np.zeros((H, W), np.uint8)
+    ref[:, W // 2:] = 2
+    ref[H // 3: H // 2] = 1
+    ref[:5] = 255
+    path = tmp_path / "reference.png"
+    Image.fromarray(ref).save(path)
+    table, maps = client.predict(handle_file(photo_path), vocabulary, "naclip", handle_file(str(path)),
+                                 api_name="/score")
+    # the same pass through the library: the table's mIoU is the library's
+    app = server[0]
+    settings = app.settings("naclip", True, True, True, True, default_lambda(app.default_backbone), 0.45)
+    out = app.segmenter().compare(Image.open(photo_path), vocabulary, settings)
+    expected = score_against(out.baseline, out.fsa, ref.astype(np.int64))
+    row = next(r for r in table.splitlines() if r.startswith("| **mIoU** |"))
+    assert [float(v) for v in row.split("|")[2:4]] == [round(expected.baseline.miou, 2), round(expected.fsa.miou, 2)]
+    assert Image.open(maps).size[0] == 2 * W + 6
+    with pytest.raises(AppError, match="is 48×32 pixels but the segmented image is 96×64"):
+        Image.fromarray(ref[::2, ::2]).save(tmp_path / "half.png")
+        client.predict(handle_file(photo_path), vocabulary, "naclip", handle_file(str(tmp_path / "half.png")),
+                       api_name="/score")
 
 
 # --------------------------------------------------------------------------- python app.py offline

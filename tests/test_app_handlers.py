@@ -15,6 +15,7 @@ from _app_fixtures import count_compare_calls
 import fsa
 from fsa.checks import NumericalError
 from fsa.config import METHOD_DEFAULTS, METHODS
+from fsa.scoring import score_against
 from fsa.vocabulary import parse_vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -250,6 +251,71 @@ def test_api_segment(app, photo):
                                                           True, 3.0, 0.45, progress=None)
     assert baseline.shape[1] == W and fsa_mask.shape[1] == W and "GCLIP" in summary
     assert record.key[3].feedback.pruning is False
+
+
+# --------------------------------------------------------------------------- score against a reference mask
+def _reference_png(tmp_path, num_classes, size=(W, H)):
+    """An index PNG: left half class 0, right half the last class, a middle band class 1, top rows ignored."""
+    w, h = size
+    ref = np.zeros((h, w), np.uint8)
+    ref[:, w // 2:] = num_classes - 1
+    ref[h // 3: h // 2] = 1
+    ref[:4] = 255
+    path = tmp_path / f"reference_{w}x{h}.png"
+    Image.fromarray(ref).save(path)
+    return str(path), ref.astype(np.int64)
+
+
+def _miou_row(table):
+    row = next(r for r in table.splitlines() if r.startswith("| **mIoU** |"))
+    return [float(v) for v in row.split("|")[2:-1] if v.strip()]
+
+
+def test_score_before_any_run_is_a_clear_error(app, tmp_path):
+    path, _ = _reference_png(tmp_path, 3)
+    with pytest.raises(gr.Error, match="Run a segmentation first"):
+        demo_app.friendly_errors(app.score)(None, path)
+
+
+def test_score_the_sessions_last_run(app, first_run, tmp_path, compare_calls):
+    record = first_run[3]
+    path, ref = _reference_png(tmp_path, len(record.baseline.class_names))
+    table, maps = app.score(record, path)
+    expected = score_against(record.baseline, record.fsa, ref)
+    assert table.splitlines()[0] == "| class | ClearCLIP IoU | ClearCLIP + FSA IoU | Δ |"
+    assert _miou_row(table)[:2] == [round(expected.baseline.miou, 2), round(expected.fsa.miou, 2)]
+    # the two error maps side by side under their captions (14 px font + 10 px strip), the key below
+    assert maps.dtype == np.uint8 and maps.shape[1] == 2 * W + 6 and maps.shape[0] > 24 + H
+    for labels, x0 in ((record.baseline.labels, 0), (record.fsa.labels, W + 6)):
+        panel = maps[24: 24 + H, x0: x0 + W]
+        wrong = (labels != ref) & (ref != 255)
+        assert (panel[wrong] == demo_app.viz.ERROR_COLOR).all()
+        assert not (panel[~wrong] == demo_app.viz.ERROR_COLOR).all(axis=1).any()
+    assert compare_calls == []  # scoring reuses the session's forward pass
+    with pytest.raises(gr.Error, match="Upload a reference mask"):
+        demo_app.friendly_errors(app.score)(record, None)
+    small, _ = _reference_png(tmp_path, 3, size=(W - 1, H))
+    with pytest.raises(gr.Error, match=f"reference mask is {W - 1}×{H} pixels but the segmented image is {W}×{H}"):
+        demo_app.friendly_errors(app.score)(record, small)
+
+
+def test_score_with_fsa_off_shows_the_baseline_only(app, photo, tmp_path):
+    record = run(app, photo, method="maskclip", fsa_on=False)[3]
+    path, ref = _reference_png(tmp_path, len(record.baseline.class_names))
+    table, maps = app.score(record, path)
+    assert table.splitlines()[0] == "| class | MaskCLIP IoU |"
+    assert _miou_row(table) == [round(score_against(record.baseline, None, ref).baseline.miou, 2)]
+    assert maps.shape[1] == W
+
+
+def test_api_score_runs_once_then_reuses(app, photo, tmp_path, compare_calls):
+    path, _ = _reference_png(tmp_path, 2)
+    table, maps, record = app.api_score(None, photo, "cup, table", "sclip", path, progress=None)
+    assert "SCLIP + FSA" in table and maps.shape[1] == 2 * W + 6
+    app.api_score(record, photo, "cup, table", "sclip", path, progress=None)
+    assert len(compare_calls) == 1
+    with pytest.raises(gr.Error, match="reference mask"):
+        app.api_score(record, photo, "cup, table", "sclip", None, progress=None)
 
 
 # --------------------------------------------------------------------------- compare all

@@ -156,3 +156,49 @@ def test_compare_grid_layout():
         viz.compare_grid([[a]], ["m1"], ["baseline", "+ FSA"])
     with pytest.raises(ValueError):
         viz.compare_grid([[a, b]], [], ["baseline", "+ FSA"])
+
+
+# --------------------------------------------------------------------------- error maps
+def test_error_map_marks_wrong_correct_and_ignored_pixels():
+    img = np.random.default_rng(0).integers(0, 256, (8, 12, 3)).astype(np.uint8)
+    reference = np.zeros((8, 12), np.int64)
+    reference[:, 6:] = 1
+    reference[7, :] = 255
+    labels = reference.copy()
+    labels[7, :] = 0  # under ignore: not an error
+    labels[2, 3] = 1  # wrong
+    labels[5, 9] = 0  # wrong
+    out = viz.error_map(img, labels, reference)
+    assert out.shape == (8, 12, 3) and out.dtype == np.uint8
+    for y, x in ((2, 3), (5, 9)):
+        assert tuple(out[y, x]) == viz.ERROR_COLOR
+    correct = (labels == reference) & (reference != 255)
+    expected = np.clip(img.astype(np.float32) * viz.DIM_FACTOR + 0.5, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(out[correct], expected[correct])
+    assert not (out[correct] == viz.ERROR_COLOR).all(axis=1).any()
+    hatch = {tuple(c) for c in out[7]}
+    assert hatch == set(viz.IGNORE_HATCH)  # both greys of the stripes, nothing else
+    for x in range(12):  # diagonal stripes 4 px wide: grey number ((y + x) // 4) % 2
+        assert tuple(out[7, x]) == viz.IGNORE_HATCH[((7 + x) // 4) % 2]
+    with pytest.raises(ValueError, match="same height and width"):
+        viz.error_map(img, labels[:, :5], reference)
+
+
+def test_error_maps_side_by_side_with_captions_and_key():
+    img = _image(32, 40)
+    reference = np.zeros((32, 40), np.int64)
+    wrong = reference + 1
+    out = viz.error_maps(img, [reference, wrong], reference, ["baseline: 0.0% wrong", "+ FSA: 100.0% wrong"])
+    caption_h = 14 + 10  # `_text_strip` height at the smallest font
+    assert out.shape[1] == 2 * 40 + 6
+    left = out[caption_h: caption_h + 32, :40]
+    right = out[caption_h: caption_h + 32, 46:86]
+    np.testing.assert_array_equal(left, viz.error_map(img, reference, reference))
+    assert (right == viz.ERROR_COLOR).all(axis=2).all()
+    assert (out[caption_h: caption_h + 32, 40:46] == 255).all()  # white gap
+    assert out.shape[0] > caption_h + 32  # the key below
+    assert (out[:caption_h, :40] < 128).any()  # caption text drawn
+    single = viz.error_maps(img, [reference], reference, ["baseline"])
+    assert single.shape[1] == 40
+    with pytest.raises(ValueError, match="one caption per image"):
+        viz.side_by_side([img], ["a", "b"])
