@@ -4,6 +4,7 @@
     result = fsa.Segmenter().segment("cat.jpg", "cat; kitten, sofa, background")
     result.labels, result.class_names, result.explain(120, 80)
 """
+from .checks import NumericalError
 from .backbones import LoadedClip, ModelCache, WeightsUnavailableError, load_clip
 from .config import (
     BACKBONES, METHOD_DEFAULTS, METHOD_LABELS, METHODS, PROXIES, TINY_TEST, FeedbackConfig, GClipConfig,
@@ -18,7 +19,8 @@ from .vocabulary import Vocabulary, parse_vocabulary
 
 __all__ = [
     "BACKBONES", "METHODS", "METHOD_DEFAULTS", "METHOD_LABELS", "PROXIES", "TINY_TEST", "ComparisonResult",
-    "EvalConfig", "EvaluationResult", "Evaluator", "FeedbackConfig", "GClipConfig", "LoadedClip", "MethodDefaults", "MethodOptions", "ModelCache",
+    "EvalConfig", "EvaluationResult", "Evaluator", "FeedbackConfig", "GClipConfig", "LoadedClip", "MethodDefaults",
+    "MethodOptions", "ModelCache", "NumericalError",
     "PatchExplanation", "SegmentSettings", "SegmentationResult", "Segmenter", "Vocabulary",
     "WeightsUnavailableError", "Window", "compute_patch_logits", "default_lambda", "evaluate", "load_clip",
     "parse_vocabulary", "patch_logits",

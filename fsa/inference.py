@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import PAD_TO_PATCH, FeedbackConfig, MethodOptions
+from .checks import check_finite
 from .images import pixel_stats_255
 from .logits import FeedbackDetails, compute_patch_logits
 from .sliding import LogitCanvas, Window, resized_row_bands, window_layout
@@ -179,7 +180,7 @@ def decide(cos: Tensor, size: tuple[int, int], decision: Decision) -> tuple[np.n
     makes two passes.
     """
     height, width = size
-    source = cos.float()
+    source = check_finite(cos.float(), "the mean window cosines")  # no NaN may reach a mask silently
     vocab = decision.vocabulary
     num_vocab = len(vocab.classes)
     dropped: Optional[Tensor] = None

@@ -147,3 +147,10 @@ def test_a_name_in_two_classes_ties_to_the_first_class():
     vocab = Vocabulary((("sky", "bed"), ("cat",), ("bed",)))
     labels, _ = decide(cos, (12, 12), Decision(vocab, 40.0))
     assert (labels == 0).all()
+
+
+def test_non_finite_cosines_never_become_a_mask():
+    cos = torch.zeros(2, 3, 3)
+    cos[1, 1, 1] = float("nan")
+    with pytest.raises(fsa.NumericalError, match="1 NaN"):
+        decide(cos, (6, 6), Decision(Vocabulary((("a",), ("b",))), 40.0))
