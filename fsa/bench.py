@@ -311,9 +311,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test of the table")
     parser.add_argument("--no-proxy-model", action="store_true", help="skip the DINO ViT-B/8 forward timing")
+    parser.add_argument("--eval", nargs="?", const="proxyclip", default=None, metavar="METHOD",
+                        help="instead: images/s of the evaluation protocol per benchmark with METHOD + FSA "
+                             "(default proxyclip) and each benchmark's projected full time")
+    parser.add_argument("--benchmarks", default=None, help="with --eval: comma-separated benchmarks (default all 8)")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if args.eval is not None:
+        return _eval_throughput(args, device, dtype)
     if args.quick:
         from .backbones import tiny_test_clip
 
@@ -330,4 +336,31 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows += bench_switches(model, device, dtype, args.repeats)
     print(f"FSA benchmark, {args.arch if not args.quick else 'tiny-test'} with random weights; {machine_line(device)}")
     print(format_table(rows))
+    return 0
+
+
+def _eval_throughput(args, device: torch.device, dtype: torch.dtype) -> int:
+    from .config import check_method
+    from .evaluation.presets import BENCHMARK_ORDER
+    from .evaluation.throughput import format_rows, measure, random_proxy
+    from .segmenter import Segmenter
+
+    method = check_method(args.eval)
+    benchmarks = BENCHMARK_ORDER if not args.benchmarks else tuple(b.strip() for b in args.benchmarks.split(","))
+    if args.quick:
+        from .backbones import tiny_test_clip
+        from .proxies import load_proxy
+
+        model = tiny_test_clip().to(device=device, dtype=dtype).eval().requires_grad_(False)
+        proxy = load_proxy("tiny-test", device=device) if method == "proxyclip" else None
+        scale, arch = 0.15, "tiny-test"
+    else:
+        model = random_clip(args.arch, device, dtype)
+        proxy = random_proxy(device, dtype) if method == "proxyclip" else None
+        scale, arch = 1.0, args.arch
+    clip = Segmenter.from_model(model, name=arch).load()
+    rows = measure(clip, method, benchmarks, repeats=max(1, min(args.repeats, 3)), proxy=proxy, size_scale=scale)
+    print(f"Evaluation throughput, {arch} with random weights (published presets, one image per size); "
+          f"{machine_line(device)}")
+    print(format_rows(rows, method))
     return 0

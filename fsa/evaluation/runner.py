@@ -117,6 +117,20 @@ def _geometry(preset: Preset) -> tuple[int, int, int]:
     return preset.short_side, preset.crop, preset.stride
 
 
+def plan_passes(presets: dict[str, Preset]) -> list[tuple[Preset, list[str]]]:
+    """One forward pass per distinct window geometry; FSA's pass also yields the baseline."""
+    if "fsa" in presets and _geometry(presets["fsa"]) == _geometry(presets["baseline"]):
+        return [(presets["fsa"], ["baseline", "fsa"])]
+    return [(presets[k], [k]) for k in presets]
+
+
+def plan_decisions(presets: dict[str, Preset], vocab: Vocabulary, bench) -> dict[str, Decision]:
+    """The decision of each key; the probability threshold (→ class 0) only on background benchmarks."""
+    background = 0 if bench.has_background else None
+    return {key: Decision(vocab, p.logit_scale, background=background, prob_threshold=p.prob_thd,
+                          area_threshold=p.area_thd) for key, p in presets.items()}
+
+
 class Evaluator:
     """Runs an `EvalConfig`; models come from a shared `fsa.ModelCache` (pass one to reuse them)."""
 
@@ -182,15 +196,8 @@ class Evaluator:
             text = segmenter.text_cache.encode(clip, vocab.queries)
             feedback = self._feedback(segmenter.backbone_name)
 
-            background = 0 if self.bench.has_background else None
-            decisions = {key: Decision(vocab, p.logit_scale, background=background, prob_threshold=p.prob_thd,
-                                       area_threshold=p.area_thd) for key, p in presets.items()}
-            # One forward pass per distinct window geometry; FSA's pass also yields the baseline.
-            passes: list[tuple[Preset, list[str]]] = []
-            if "fsa" in presets and _geometry(presets["fsa"]) == _geometry(presets["baseline"]):
-                passes.append((presets["fsa"], ["baseline", "fsa"]))
-            else:
-                passes.extend((presets[k], [k]) for k in presets)
+            decisions = plan_decisions(presets, vocab, self.bench)
+            passes = plan_passes(presets)
 
             mine = samples[ctx.rank::ctx.world]
             totals = {k: np.zeros((3, self.bench.num_classes), dtype=np.int64) for k in presets}
