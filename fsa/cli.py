@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="local CLIP weights file (default: $FSA_CHECKPOINT or the HF hub)")
     seg.add_argument("--proxy", default=None, help=f"ProxyCLIP's vision model: {', '.join(PROXIES)} (default dino-b8)")
     seg.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    seg.add_argument("--short-side", type=int, default=448, help="resize so the short side has this many pixels")
+    seg.add_argument("--short-side", type=int, default=None,
+                     help="resize so the short side has this many pixels (default: the method's, 336 for sclip, "
+                          "naclip and proxyclip, 448 otherwise)")
     seg.add_argument("--crop", type=int, default=None,
                      help="sliding-window crop in pixels; 0 = whole image (default: per method)")
     seg.add_argument("--stride", type=int, default=None, help="sliding-window stride in pixels (default: per method)")

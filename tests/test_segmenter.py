@@ -156,3 +156,9 @@ def test_explain_errors(segmenter, image):
     res = segmenter.segment(image, "cat, sofa", SegmentSettings(short_side=64))
     with pytest.raises(ValueError, match="outside"):
         res.explain(500, 5)
+
+
+@pytest.mark.parametrize("method,short", [("sclip", 336), ("clearclip", 448)])
+def test_default_short_side_is_the_methods(segmenter, image, method, short):
+    res = segmenter.segment(image, "cat, sofa", SegmentSettings(method=method, feedback=None, keep_diagnostics=False))
+    assert res.working_size == (short, int(140 * short / 90 + 0.5))
