@@ -53,7 +53,7 @@ class PatchExplanation:
     (one with the paper's settings) and, per pass, every adapted block.
     """
 
-    window: Window  #: in pixels of the result's image
+    window: Window  #: the extent the grid covers, in pixels of the result's image (past the border if padded)
     grid: tuple[int, int]
     patch: tuple[int, int]  #: (row, col) of the query patch
     num_heads: int
@@ -144,7 +144,8 @@ class DiagnosticsStore:
 
     def __init__(self, windows: Sequence[Window], details: Sequence[FeedbackDetails], scale: tuple[float, float],
                  vocabulary: Vocabulary):
-        """windows: on the working image; scale: (sy, sx) from the result's image to the working image."""
+        """windows: the extent each window's grid covers on the working image (a padded window's includes
+        its padding); scale: (sy, sx) from the result's image to the working image."""
         self.windows = list(windows)
         self.details = list(details)
         self.scale = scale

@@ -189,7 +189,9 @@ class Segmenter:
                                               **{**common, "timings": dict(timings), "notes": list(notes)}))
         if settings.feedback is not None:
             labels, confidence = decided["fsa"]
-            store = DiagnosticsStore(cosines.windows, cosines.details, (sy, sx), vocab) if keep else None
+            # the attention grid of a padded window covers the padding too: locate and draw on that extent
+            grid_extents = [w.padded(pad) for w, pad in zip(cosines.windows, cosines.pads)]
+            store = DiagnosticsStore(grid_extents, cosines.details, (sy, sx), vocab) if keep else None
             results.append(SegmentationResult(labels=labels, confidence=confidence, fsa_enabled=True,
                                               diagnostics=store, **common))
         return results

@@ -33,6 +33,12 @@ class Window:
     def contains(self, x: float, y: float) -> bool:
         return self.x0 <= x < self.x1 and self.y0 <= y < self.y1
 
+    def padded(self, padding: tuple[int, int, int, int]) -> "Window":
+        """The window grown by (left, right, top, bottom) pixels: the extent a padded window's grid covers
+        (it may reach past the image border)."""
+        left, right, top, bottom = padding
+        return Window(self.y0 - top, self.x0 - left, self.y1 + bottom, self.x1 + right)
+
     def scaled(self, sy: float, sx: float) -> "Window":
         """The same window in an image scaled by (sy, sx)."""
         return Window(round(self.y0 * sy), round(self.x0 * sx), round(self.y1 * sy), round(self.x1 * sx))

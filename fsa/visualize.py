@@ -174,14 +174,20 @@ def segmentation_panel(
     return overlay(image, labels, len(class_names), alpha=alpha, colors=colors)
 
 
-def _window_box(window, shape) -> tuple[int, int, int, int]:
+def _window_extent(window) -> tuple[int, int, int, int]:
+    """(y0, x0, y1, x1) of a Window or a tuple, unclipped (a padded window may pass the border)."""
     if all(hasattr(window, a) for a in ("y0", "x0", "y1", "x1")):
-        y0, x0, y1, x1 = window.y0, window.x0, window.y1, window.x1
-    else:
-        y0, x0, y1, x1 = window
+        return int(window.y0), int(window.x0), int(window.y1), int(window.x1)
+    y0, x0, y1, x1 = window
+    return int(y0), int(x0), int(y1), int(x1)
+
+
+def _window_box(window, shape) -> tuple[int, int, int, int]:
+    """The window's extent clipped to an image of `shape`."""
+    y0, x0, y1, x1 = _window_extent(window)
     h, w = shape[:2]
-    y0, x0 = max(0, int(y0)), max(0, int(x0))
-    y1, x1 = min(h, int(y1)), min(w, int(x1))
+    y0, x0 = max(0, y0), max(0, x0)
+    y1, x1 = min(h, y1), min(w, x1)
     if y1 <= y0 or x1 <= x0:
         raise ValueError(f"window {(y0, x0, y1, x1)} is empty for an image of {w}x{h}")
     return y0, x0, y1, x1
@@ -206,16 +212,21 @@ def apply_colormap(values: np.ndarray, cmap: str = "inferno", vmin=None, vmax=No
 
 
 def patch_box(window, grid: tuple[int, int], patch: tuple[int, int], shape) -> tuple[int, int, int, int]:
-    """Pixel box ``(y0, x0, y1, x1)`` (end-exclusive) of patch ``(row, col)`` of a window's grid."""
-    y0, x0, y1, x1 = _window_box(window, shape)
+    """Pixel box ``(y0, x0, y1, x1)`` (end-exclusive) of patch ``(row, col)`` of a window's grid.
+
+    The grid spans the window's whole extent (padding included); the box is clipped to the image.
+    """
+    _window_box(window, shape)  # the window must meet the image
+    y0, x0, y1, x1 = _window_extent(window)
     gh, gw = grid
     r, c = patch
     if not (0 <= r < gh and 0 <= c < gw):
         raise ValueError(f"patch {patch} outside the {gh}x{gw} grid")
     ph, pw = (y1 - y0) / gh, (x1 - x0) / gw
+    h, w = shape[:2]
     return (
-        y0 + int(round(r * ph)), x0 + int(round(c * pw)),
-        y0 + int(round((r + 1) * ph)), x0 + int(round((c + 1) * pw)),
+        max(0, y0 + int(round(r * ph))), max(0, x0 + int(round(c * pw))),
+        min(h, y0 + int(round((r + 1) * ph))), min(w, x0 + int(round((c + 1) * pw))),
     )
 
 
@@ -245,23 +256,25 @@ def heatmap_overlay(
         raise ValueError(f"grid_map must be (gh, gw), got shape {grid_map.shape}")
     gh, gw = grid_map.shape
     y0, x0, y1, x1 = _window_box(window, img.shape)
-    wh, ww = y1 - y0, x1 - x0
+    fy0, fx0, fy1, fx1 = _window_extent(window)  # the grid spans the whole (maybe padded) extent
+    inside = (slice(y0 - fy0, y1 - fy0), slice(x0 - fx0, x1 - fx0))
 
     out = img.astype(np.float32) * DIM_FACTOR
-    up = cv2.resize(grid_map, (ww, wh), interpolation=cv2.INTER_LINEAR)
+    up = cv2.resize(grid_map, (fx1 - fx0, fy1 - fy0), interpolation=cv2.INTER_LINEAR)[inside]
     colored = apply_colormap(up, cmap, vmin=vmin, vmax=vmax).astype(np.float32)
     region = (1.0 - alpha) * img[y0:y1, x0:x1].astype(np.float32) + alpha * colored
     if kept is not None:
         kept = np.asarray(kept, dtype=bool)
         if kept.shape != (gh, gw):
             raise ValueError(f"kept must have the grid's shape {(gh, gw)}, got {kept.shape}")
-        mask = cv2.resize(kept.astype(np.uint8), (ww, wh), interpolation=cv2.INTER_NEAREST).astype(bool)
+        mask = cv2.resize(kept.astype(np.uint8), (fx1 - fx0, fy1 - fy0),
+                          interpolation=cv2.INTER_NEAREST).astype(bool)[inside]
         region[~mask] *= DIM_FACTOR
     out[y0:y1, x0:x1] = region
     out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
     if patch is not None:
-        py0, px0, py1, px1 = patch_box((y0, x0, y1, x1), (gh, gw), patch, img.shape)
+        py0, px0, py1, px1 = patch_box((fy0, fx0, fy1, fx1), (gh, gw), patch, img.shape)
         t = max(2, min(py1 - py0, px1 - px0) // 6)
         # grow the box outwards by the thickness so the patch's own pixels stay visible
         by0, bx0 = max(0, py0 - t), max(0, px0 - t)

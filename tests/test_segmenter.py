@@ -162,3 +162,14 @@ def test_explain_errors(segmenter, image):
 def test_default_short_side_is_the_methods(segmenter, image, method, short):
     res = segmenter.segment(image, "cat, sofa", SegmentSettings(method=method, feedback=None, keep_diagnostics=False))
     assert res.working_size == (short, int(140 * short / 90 + 0.5))
+
+
+def test_explain_on_a_padded_window_uses_the_padded_grid(segmenter, image):
+    """Short side 40 < crop 48: windows of 40×48 padded by 4 rows above and below to 48×48 (3×3 patches).
+    Working row 12.44 lies in padded row 16.44, i.e. grid row 1 (rows 12..28 of the image)."""
+    settings = SegmentSettings(method="clearclip", short_side=40, crop=48, stride=32, feedback=FeedbackConfig())
+    res = segmenter.segment(image, "cat, sofa", settings)
+    assert res.working_size == (40, 62)
+    ex = res.explain(10.0, 28.0)  # y = 28 in the 90-row image = 12.44 in the 40-row working image
+    assert ex.grid == (3, 3) and ex.patch[0] == 1
+    assert ex.window.y0 == round(-4 * 90 / 40) and ex.window.y1 == round(44 * 90 / 40)  # the padded extent

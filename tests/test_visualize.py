@@ -1,6 +1,7 @@
 """fsa.visualize: pure drawing, checked pixel by pixel on small synthetic inputs."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -202,3 +203,12 @@ def test_error_maps_side_by_side_with_captions_and_key():
     assert single.shape[1] == 40
     with pytest.raises(ValueError, match="one caption per image"):
         viz.side_by_side([img], ["a", "b"])
+
+
+def test_heatmap_of_a_window_past_the_border_is_cropped_not_squeezed():
+    img = np.zeros((4, 8, 3), np.uint8)
+    grid = np.array([[0.0, 1.0], [2.0, 3.0]], np.float32)
+    out = viz.heatmap_overlay(img, (-2, 0, 6, 8), grid, alpha=1.0, vmin=0.0, vmax=3.0)
+    full = viz.apply_colormap(cv2.resize(grid, (8, 8), interpolation=cv2.INTER_LINEAR), vmin=0.0, vmax=3.0)
+    assert np.abs(out.astype(int) - full[2:6].astype(int)).max() <= 1
+    assert viz.patch_box((-2, 0, 6, 8), (2, 2), (0, 0), img.shape) == (0, 0, 2, 4)  # rows -2..2, clipped at 0
