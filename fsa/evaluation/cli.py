@@ -103,7 +103,13 @@ def main(argv: Optional[Sequence[str]] = None, parser_class=argparse.ArgumentPar
 
     results = []
     for config in configs:
-        result = Evaluator(config, progress=not args.no_progress).run()
+        try:
+            result = Evaluator(config, progress=not args.no_progress).run()
+        except KeyboardInterrupt:
+            if _is_main():
+                print(f"fsa: {config.benchmark}: the images scored so far are kept in {config.output}; "
+                      "run the same command with --resume to continue", file=sys.stderr)
+            raise
         results.append(result)
         if _is_main():
             print(format_result(result, verbose=args.verbose))

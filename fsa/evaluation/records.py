@@ -45,14 +45,18 @@ class RecordStore:
         self._resume = resume
         self._file = None
 
-    def prepare(self, *, is_main: bool) -> None:
-        """Fresh run: the main process clears earlier records; every run: settings written."""
+    def prepare(self, *, is_main: bool) -> int:
+        """Fresh run: the main process clears earlier records (returns how many images they held);
+        every run: settings written."""
+        dropped = 0
         if is_main:
             if not self._resume and self.records_dir.is_dir():
                 for old in self.records_dir.glob("*.jsonl"):
+                    dropped += old.read_text().count("\n")
                     old.unlink()
             self.records_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.folder / "settings.json", self.settings)
+        return dropped
 
     def load(self) -> dict[str, dict]:
         """id -> record of every complete line in every part file (the first record of an id wins)."""

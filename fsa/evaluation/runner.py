@@ -186,7 +186,10 @@ class Evaluator:
             store = None
             if c.output is not None:
                 store = RecordStore(Path(c.output), settings, rank=ctx.rank, world=ctx.world, resume=c.resume)
-                store.prepare(is_main=ctx.is_main)
+                dropped = store.prepare(is_main=ctx.is_main)
+                if dropped and self.show_progress:
+                    print(f"starting afresh: the {dropped} image(s) scored earlier in {c.output} are dropped "
+                          "(pass --resume to continue them)", file=sys.stderr)
                 ctx.barrier()
             done = store.load() if store is not None else {}
             clip = segmenter.load()
