@@ -76,8 +76,9 @@ def centred_padding(height: int, width: int, multiple: int) -> Padding:
 class WindowCosines:
     """Mean patch cosines of one image, baseline and (when FSA ran) baseline + FSA per setting.
 
-    `maps` has "baseline" and one entry per FSA setting ("fsa" for `feedback=`). `maps[key]` is (Q, a, b): the canvas on the working image (a, b) = (H', W'), or, for one unpadded
-    window over the whole image, the patch grid itself; either is resized to the output size last.
+    `maps` has "baseline" and one entry per FSA setting ("fsa" for `feedback=`). `maps[key]` is
+    (Q, a, b): the canvas on the working image (a, b) = (H', W'), or, for one unpadded window over
+    the whole image, the patch grid itself; either is resized to the output size last.
     """
 
     maps: dict[str, Tensor]

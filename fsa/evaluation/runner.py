@@ -111,7 +111,8 @@ class EvaluationResult:
         if self.sweep:
             out["sweep"] = [
                 {"key": key, "setting": self.sweep_settings[key], "beyond_paper": key in self.beyond_paper,
-                 "scores": value.as_dict(self.class_names), "mIoU_delta": _rounded_delta(value.miou, self.baseline.miou)}
+                 "scores": value.as_dict(self.class_names),
+                 "mIoU_delta": _rounded_delta(value.miou, self.baseline.miou)}
                 for key, value in self.sweep.items()]
         if self.skipped:
             out["skipped"] = [{"id": i, "reason": r} for i, r in self.skipped]
