@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from ..config import METHOD_LABELS, METHODS, PROXIES, TINY_TEST
 from .presets import BENCHMARK_ORDER
-from .sweep import SWEEP_AXES, SweepError, parse_sweep_option, setting_label
+from .sweep import SWEEP_AXES, SweepError, normalize_sweep, parse_sweep_option, setting_label, sweep_grid
 
 DEFAULT_OUTPUT = Path("out") / "eval"
 
@@ -80,12 +80,10 @@ def _sweep_option(text: str) -> tuple[str, tuple]:
 
 
 def main(argv: Optional[Sequence[str]] = None, parser_class=argparse.ArgumentParser) -> int:
-    from ..backbones import resolve_backbone_name
+    from ..backbones import resolve_backbone_name, vision_depth
     from ..config import FeedbackConfig, default_lambda
-    from ..backbones import vision_depth
     from .records import write_json_atomic
     from .runner import EvalConfig, Evaluator
-    from .sweep import normalize_sweep, sweep_grid
 
     parser = build_parser(parser_class)
     args = parser.parse_args(argv)
