@@ -206,6 +206,19 @@ class LoadedClip:
     key: str  #: unique per (name, weights, device, dtype): cache key for models and text features
 
 
+#: Residual blocks of the tiny test model's vision tower.
+TINY_TEST_VISION_LAYERS = 4
+
+
+def vision_depth(name: Optional[str] = None) -> int:
+    """Residual blocks of the backbone's vision tower (12 for ViT-B-16), from its architecture's
+    open_clip config: nothing is built or downloaded. ``name``: see :func:`resolve_backbone_name`."""
+    spec = _SPECS[resolve_backbone_name(name)]
+    if spec.name == TINY_TEST:
+        return TINY_TEST_VISION_LAYERS
+    return int(open_clip.get_model_config(spec.arch)["vision_cfg"]["layers"])
+
+
 def tiny_test_clip(seed: int = 0) -> open_clip.CLIP:
     """A small random ``open_clip.CLIP`` (ViT patch 16, 4x64; text 2x64 with the real BPE vocab).
 
@@ -216,7 +229,8 @@ def tiny_test_clip(seed: int = 0) -> open_clip.CLIP:
         torch.manual_seed(seed)
         return open_clip.CLIP(
             embed_dim=32,
-            vision_cfg=CLIPVisionCfg(image_size=224, patch_size=16, width=64, layers=4, head_width=16),
+            vision_cfg=CLIPVisionCfg(image_size=224, patch_size=16, width=64, layers=TINY_TEST_VISION_LAYERS,
+                                     head_width=16),
             text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=4, layers=2),
         )
 

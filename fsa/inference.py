@@ -11,12 +11,13 @@
     → P = softmax over all names of τ·cos, max over each class's names, [SCLIP's area rule], argmax,
       [probability threshold → background].
 
-Baseline and baseline + FSA come from the same forward pass of each window.
+Baseline and baseline + FSA come from the same forward pass of each window; so do several FSA
+settings at once (an ablation sweep: `window_cosines(..., feedbacks={key: setting})`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Callable, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from .config import PAD_TO_PATCH, FeedbackConfig, MethodOptions
 from .checks import check_finite
 from .images import pixel_stats_255
-from .logits import FeedbackDetails, compute_patch_logits
+from .logits import FeedbackDetails, compute_patch_logits, compute_sweep_logits
 from .sliding import LogitCanvas, Window, resized_row_bands, window_layout
 from .vocabulary import Vocabulary, aggregate_synonyms
 
@@ -74,10 +75,11 @@ def centred_padding(height: int, width: int, multiple: int) -> Padding:
 
 @dataclass
 class WindowCosines:
-    """Mean patch cosines of one image, baseline and (when FSA ran) baseline + FSA.
+    """Mean patch cosines of one image, baseline and (when FSA ran) baseline + FSA per setting.
 
-    `maps[key]` is (Q, a, b): the canvas on the working image (a, b) = (H', W'), or, for one unpadded
-    window over the whole image, the patch grid itself; either is resized to the output size last.
+    `maps` has "baseline" and one entry per FSA setting ("fsa" for `feedback=`). `maps[key]` is
+    (Q, a, b): the canvas on the working image (a, b) = (H', W'), or, for one unpadded window over
+    the whole image, the patch grid itself; either is resized to the output size last.
     """
 
     maps: dict[str, Tensor]
@@ -95,7 +97,8 @@ def window_cosines(
     text: Tensor,
     method: str,
     *,
-    feedback: Optional[FeedbackConfig],
+    feedback: Optional[FeedbackConfig] = None,
+    feedbacks: Optional[Mapping[str, FeedbackConfig]] = None,
     options: MethodOptions,
     crop: int,
     stride: int,
@@ -109,8 +112,10 @@ def window_cosines(
     """Sliding-window cosines of one working image (see the module docstring).
 
     pixels: (1, 3, H', W') CLIP-normalised in the model's dtype; text: (Q, E) L2-normalised; proxy: a
-    `fsa.proxies.ProxyModel` for proxyclip. `progress(fraction, message)` is called before each batch of
-    windows, with fractions inside `progress_span`.
+    `fsa.proxies.ProxyModel` for proxyclip. FSA settings: `feedback` (maps key "fsa") or `feedbacks`
+    (key → setting, each its own maps entry; the encoder runs once per window for all of them), not
+    both; `keep_details` needs at most one setting. `progress(fraction, message)` is called before
+    each batch of windows, with fractions inside `progress_span`.
     """
     _, _, height, width = pixels.shape
     whole = crop <= 0
@@ -119,7 +124,10 @@ def window_cosines(
     multiple = pad_multiple if (not whole or proxy is not None) else 0
     pad = centred_padding(windows[0].height, windows[0].width, multiple)
     direct = whole and pad == NO_PADDING
-    keys = ["baseline"] if feedback is None else ["baseline", "fsa"]
+    settings = _feedback_settings(feedback, feedbacks)
+    if keep_details and len(settings) > 1:
+        raise ValueError(f"keep_details needs one FSA setting, got {len(settings)}; explain one setting at a time")
+    keys = ["baseline", *settings]
     canvases = {} if direct else {k: LogitCanvas(text.shape[0], height, width, device=pixels.device) for k in keys}
     maps: dict[str, Tensor] = {}
     details: list[FeedbackDetails] = []
@@ -134,23 +142,41 @@ def window_cosines(
         if pad != NO_PADDING:
             crops = F.pad(crops, pad)  # zeros in CLIP-normalised space, as the published code
         proxy_feats = None if proxy is None else proxy.features_from_clip_pixels(crops)
-        out = compute_patch_logits(model, crops, text, method, feedback=feedback, proxy_features=proxy_feats,
-                                   options=options, keep_details=keep_details)
-        grid = out.grid
+        if len(settings) <= 1:
+            out = compute_patch_logits(model, crops, text, method, feedback=next(iter(settings.values()), None),
+                                       proxy_features=proxy_feats, options=options, keep_details=keep_details)
+            per_key = dict(zip(keys, (out.baseline, out.fsa)))
+            window_details, grid = out.details, out.grid
+        else:
+            sweep = compute_sweep_logits(model, crops, text, method, list(settings.values()),
+                                         proxy_features=proxy_feats, options=options)
+            per_key = dict(zip(keys, (sweep.baseline, *sweep.fsa)))
+            window_details, grid = None, sweep.grid
         clip_grid = (crops.shape[-2] // _patch_size(model), crops.shape[-1] // _patch_size(model))
         for i, win in enumerate(chunk):
-            for key, grid_maps in (("baseline", out.baseline), ("fsa", out.fsa)):
-                if grid_maps is None:
-                    continue
+            for key, grid_maps in per_key.items():
                 if direct:
                     maps[key] = grid_maps[i].float()
                 else:
                     canvases[key].add(win, grid_maps[i], padding=pad)
-            if out.details is not None:
-                details.append(out.details.select(i))
+            if window_details is not None:
+                details.append(window_details.select(i))
     for key, canvas in canvases.items():
         maps[key] = canvas.mean()
     return WindowCosines(maps, windows, [pad] * len(windows), grid, clip_grid, details)
+
+
+def _feedback_settings(feedback: Optional[FeedbackConfig],
+                       feedbacks: Optional[Mapping[str, FeedbackConfig]]) -> dict[str, FeedbackConfig]:
+    """key → FSA setting of a `window_cosines` call: {"fsa": feedback}, `feedbacks`, or none."""
+    if feedback is not None and feedbacks is not None:
+        raise ValueError("pass either feedback= (one FSA setting) or feedbacks= (several), not both")
+    if feedbacks is None:
+        return {} if feedback is None else {"fsa": feedback}
+    settings = dict(feedbacks)
+    if "baseline" in settings:
+        raise ValueError('"baseline" is the key of the baseline\'s maps; name the FSA settings otherwise')
+    return settings
 
 
 def _patch_size(model: nn.Module) -> int:

@@ -22,11 +22,14 @@ paper leaves open, each a switch whose default is the paper:
   block's own A₀, also when that block is adapted; blocks before b₀ are the baseline's).
   ProxyCLIP refuses blocks other than the last: its last-block attention and Π live on the proxy
   grid while earlier blocks attend on the CLIP grid, and no resampling rule comes from the paper.
+
+An ablation sweep (`compute_sweep_logits`) shares the network work across several settings: the
+encoder and the baseline run once, each setting then runs only its own feedback passes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -240,6 +243,109 @@ def _rerun_pass(
     return finish_last_block(last, x, mixed, residual=rule.residual, ffn=rule.ffn), qk
 
 
+@dataclass
+class SweepLogits:
+    """Cosines (B, K, h, w) of the baseline and of each FSA setting of a sweep, from one network pass."""
+
+    baseline: Tensor
+    fsa: list[Tensor]  #: one per FeedbackConfig, in the order given
+    grid: tuple[int, int]
+
+
+@dataclass
+class _Forward:
+    """What `_forward` computed: patch cosines (B, N, K) of the baseline and of each FSA setting."""
+
+    baseline: Tensor
+    fsa: list[Tensor]
+    grid: tuple[int, int]
+    details: list[FeedbackDetails]  #: one per setting when kept, else empty
+
+
+def _forward(
+    model: nn.Module,
+    pixels: Tensor,
+    text_features: Tensor,
+    method: str,
+    feedbacks: Sequence[FeedbackConfig],
+    *,
+    proxy_features: Optional[Tensor],
+    options: Optional[MethodOptions],
+    keep_details: bool,
+) -> _Forward:
+    """The encoder and the baseline once, then each setting's feedback passes (module docstring).
+
+    Blocks 1..L-1 run in ranges cut at every distinct first re-run block of the settings, keeping
+    the tokens entering it; running a block range in pieces is the same arithmetic as at once, so
+    every setting's output is the one it gets alone. All settings are checked before any work.
+    """
+    method = check_method(method)
+    options = options or MethodOptions()
+    visual = model.visual
+    rule = METHOD_DEFAULTS[method]
+    blocks = list(visual.transformer.resblocks)
+    depth = len(blocks)
+    adapted_per = [resolve_feedback_blocks(fb, depth, method) for fb in feedbacks]
+    # 0-based first block each setting re-runs; depth - 1: the last block alone (no re-run)
+    starts = [adapted[0] - 1 for adapted in adapted_per]
+    plan = _tower_plan(blocks, method, options)
+
+    x, clip_grid = embed_tokens(visual, pixels)
+    entering: dict[int, Tensor] = {}  # 0-based block → the baseline's tokens entering it
+    maps: dict[int, Tensor] = {}
+    lo = 0
+    for cut in sorted({s for s in starts if s < depth - 1}):
+        x, part = _run_range(blocks, x, lo, cut, plan)
+        maps.update(part)
+        entering[cut] = x
+        lo = cut
+    x, part = _run_range(blocks, x, lo, depth - 1, plan)
+    maps.update(part)
+    fused = [maps[i] for i in plan.capture]
+    last = blocks[-1]
+    q, k, v = block_qkv(last, x)
+    base = baseline_attention(method, q, k, v, clip_grid, proxy_features=proxy_features, fused_maps=fused,
+                              options=options)
+    a0_v = base.apply(base.values)
+    out = finish_last_block(last, x, a0_v, residual=rule.residual, ffn=rule.ffn)
+    cos = _patch_cosines(visual, out, text_features, base.cls_token)  # (B, N, K)
+    result = _Forward(cos, [], base.grid, [])
+    if not feedbacks:
+        return result
+
+    u_cos = (_uniform_cosines(visual, last, x, base, text_features, rule.residual, rule.ffn)
+             if any(fb.isolation for fb in feedbacks) else None)  # the same for every setting and pass
+    for feedback, adapted, start in zip(feedbacks, adapted_per, starts):
+        steps: list[FeedbackStep] = []
+        fsa_cos = cos
+        for _ in range(feedback.iterations):
+            pi = class_distribution(fsa_cos, u_cos if feedback.isolation else None, feedback)
+            a_new = feedback_attention(pi, feedback)
+            if start >= depth - 1:  # the last block alone, always with the baseline's A₀
+                mixed = adapt_values(a_new, base.weights, base.values, feedback, cls_token=base.cls_token,
+                                     a0_v=a0_v)
+                fsa_out, block_qk = finish_last_block(last, x, mixed, residual=rule.residual, ffn=rule.ffn), {}
+                del mixed
+            else:
+                fsa_out, block_qk = _rerun_pass(visual, entering[start], start, plan, maps, a_new, adapted, feedback,
+                                                method, clip_grid, proxy_features, options)
+            del a_new
+            fsa_cos = _patch_cosines(visual, fsa_out, text_features, base.cls_token)
+            if keep_details:
+                steps.append(FeedbackStep(pi, block_qk))
+        result.fsa.append(fsa_cos)
+        if keep_details:
+            result.details.append(FeedbackDetails(
+                method, base.grid, clip_grid, base.cls_token, q, k, steps[-1].pi, feedback, options, proxy_features,
+                list(fused), steps, depth, tuple(i + 1 for i in plan.capture)))
+    return result
+
+
+def _to_grid(cos: Tensor, grid: tuple[int, int]) -> Tensor:
+    """(B, N, K) → (B, K, h, w)."""
+    return cos.transpose(1, 2).reshape(cos.shape[0], cos.shape[2], *grid)
+
+
 @torch.no_grad()
 def compute_patch_logits(
     model: nn.Module,
@@ -262,64 +368,36 @@ def compute_patch_logits(
     proxyclip.
     pixels: (B, 3, H, W) normalised in the model's dtype; text_features: (K, E) L2-normalised.
     """
-    method = check_method(method)
-    options = options or MethodOptions()
-    visual = model.visual
-    rule = METHOD_DEFAULTS[method]
-    blocks = list(visual.transformer.resblocks)
-    depth = len(blocks)
-    adapted = resolve_feedback_blocks(feedback, depth, method) if feedback is not None else (depth,)
-    start = adapted[0] - 1  # 0-based first block a pass re-runs; depth - 1: the last block alone
-    plan = _tower_plan(blocks, method, options)
-
-    x, clip_grid = embed_tokens(visual, pixels)
-    x_start = None
-    if start < depth - 1:
-        x_start, maps = _run_range(blocks, x, 0, start, plan)
-        x, later = _run_range(blocks, x_start, start, depth - 1, plan)
-        maps.update(later)
-    else:
-        x, maps = _run_range(blocks, x, 0, depth - 1, plan)
-    fused = [maps[i] for i in plan.capture]
-    last = blocks[-1]
-    q, k, v = block_qkv(last, x)
-    base = baseline_attention(method, q, k, v, clip_grid, proxy_features=proxy_features, fused_maps=fused,
-                              options=options)
-    a0_v = base.apply(base.values)
-    out = finish_last_block(last, x, a0_v, residual=rule.residual, ffn=rule.ffn)
-    cos = _patch_cosines(visual, out, text_features, base.cls_token)  # (B, N, K)
-    gh, gw = base.grid
-
-    def to_grid(c: Tensor) -> Tensor:
-        return c.transpose(1, 2).reshape(c.shape[0], c.shape[2], gh, gw)
-
+    out = _forward(model, pixels, text_features, method, [] if feedback is None else [feedback],
+                   proxy_features=proxy_features, options=options, keep_details=keep_details)
     if feedback is None:
-        return PatchLogits(to_grid(cos), None, base.grid)
+        return PatchLogits(_to_grid(out.baseline, out.grid), None, out.grid)
+    details = out.details[0] if keep_details else None
+    return PatchLogits(_to_grid(out.baseline, out.grid), _to_grid(out.fsa[0], out.grid), out.grid, details)
 
-    u_cos = (_uniform_cosines(visual, last, x, base, text_features, rule.residual, rule.ffn)
-             if feedback.isolation else None)  # computed once for every pass
-    steps: list[FeedbackStep] = []
-    fsa_cos = cos
-    for _ in range(feedback.iterations):
-        pi = class_distribution(fsa_cos, u_cos, feedback)
-        a_new = feedback_attention(pi, feedback)
-        if x_start is None:  # the last block alone, always with the baseline's A₀
-            mixed = adapt_values(a_new, base.weights, base.values, feedback, cls_token=base.cls_token, a0_v=a0_v)
-            fsa_out, block_qk = finish_last_block(last, x, mixed, residual=rule.residual, ffn=rule.ffn), {}
-            del mixed
-        else:
-            fsa_out, block_qk = _rerun_pass(visual, x_start, start, plan, maps, a_new, adapted, feedback, method,
-                                            clip_grid, proxy_features, options)
-        del a_new
-        fsa_cos = _patch_cosines(visual, fsa_out, text_features, base.cls_token)
-        if keep_details:
-            steps.append(FeedbackStep(pi, block_qk))
-    details = None
-    if keep_details:
-        details = FeedbackDetails(method, base.grid, clip_grid, base.cls_token, q, k, steps[-1].pi, feedback,
-                                  options, proxy_features, list(fused), steps, depth,
-                                  tuple(i + 1 for i in plan.capture))
-    return PatchLogits(to_grid(cos), to_grid(fsa_cos), base.grid, details)
+
+@torch.no_grad()
+def compute_sweep_logits(
+    model: nn.Module,
+    pixels: Tensor,
+    text_features: Tensor,
+    method: str,
+    feedbacks: Sequence[FeedbackConfig],
+    *,
+    proxy_features: Optional[Tensor] = None,
+    options: Optional[MethodOptions] = None,
+) -> SweepLogits:
+    """The baseline and every FSA setting of `feedbacks` with one encoder pass (an ablation sweep).
+
+    The encoder and the baseline's last block run once; each setting then runs only its own
+    feedback passes (the last block per iteration, or blocks b₀..L from the kept tokens entering b₀).
+    `fsa[i]` equals `compute_patch_logits(..., feedback=feedbacks[i]).fsa` bit for bit, and
+    `baseline` its `.baseline`. Every setting is checked (blocks) before any work.
+    pixels: (B, 3, H, W) normalised in the model's dtype; text_features: (K, E) L2-normalised.
+    """
+    out = _forward(model, pixels, text_features, method, list(feedbacks), proxy_features=proxy_features,
+                   options=options, keep_details=False)
+    return SweepLogits(_to_grid(out.baseline, out.grid), [_to_grid(c, out.grid) for c in out.fsa], out.grid)
 
 
 def patch_logits(

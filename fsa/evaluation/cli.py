@@ -3,6 +3,7 @@
     python -m fsa evaluate voc21 --data-root ~/data --method proxyclip
     torchrun --nproc_per_node 4 -m fsa evaluate ade20k --data-root ~/data --method clearclip
     python -m fsa evaluate --all --data-root ~/data --method sclip
+    python -m fsa evaluate voc21 --data-root ~/data --method clearclip --sweep lam=1,3,5 --sweep p=0.3,0.45
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Optional, Sequence
 
 from ..config import METHOD_LABELS, METHODS, PROXIES, TINY_TEST
 from .presets import BENCHMARK_ORDER
+from .sweep import SWEEP_AXES, SweepError, normalize_sweep, parse_sweep_option, setting_label, sweep_grid
 
 DEFAULT_OUTPUT = Path("out") / "eval"
 
@@ -37,6 +39,12 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--no-fsa", action="store_true", help="score the baseline alone")
     parser.add_argument("--lam", type=float, default=None, help="FSA λ (default: 3.0; 2.3 for ViT-H-14)")
     parser.add_argument("--p", type=float, default=0.45, help="FSA top-p of the pruning (default 0.45)")
+    parser.add_argument("--sweep", action="append", type=_sweep_option, default=[], metavar="NAME=V1,V2,...",
+                        help="ablation: score FSA with each value of NAME (repeat for a grid, their Cartesian "
+                             f"product) against one baseline pass per image; NAME: {', '.join(SWEEP_AXES)} "
+                             "(lam, p: numbers; similarity: kl, sym_kl, js; iterations: >= 1; blocks: 1-based "
+                             "numbers joined by '+', or last; isolation, pruning, ensemble: on, off). Prints "
+                             "the ablation table and writes it to OUTPUT/ablation.md and .csv")
     parser.add_argument("--protocol", default="published", choices=("published", "ours"),
                         help="published: each method's released settings per benchmark (default); "
                              "ours: fsa.METHOD_DEFAULTS everywhere")
@@ -54,7 +62,8 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
                         help=f"folder for per-image records, settings and results (default {DEFAULT_OUTPUT}/...)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from --output's records")
     parser.add_argument("--save-predictions", default=None,
-                        help="write DIR/baseline/<id>.png and DIR/fsa/<id>.png (label PNGs)")
+                        help="write DIR/baseline/<id>.png and DIR/fsa/<id>.png (label PNGs; with --sweep "
+                             "DIR/<setting key>/<id>.png)")
     parser.add_argument("--json", default=None, help="write the scores as JSON to this file")
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable or inconsistent images and list them")
     parser.add_argument("-v", "--verbose", action="store_true", help="also print per-class IoU")
@@ -62,8 +71,16 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
+def _sweep_option(text: str) -> tuple[str, tuple]:
+    """argparse type of --sweep: its errors become one-line usage errors."""
+    try:
+        return parse_sweep_option(text)
+    except SweepError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: Optional[Sequence[str]] = None, parser_class=argparse.ArgumentParser) -> int:
-    from ..backbones import resolve_backbone_name
+    from ..backbones import resolve_backbone_name, vision_depth
     from ..config import FeedbackConfig, default_lambda
     from .records import write_json_atomic
     from .runner import EvalConfig, Evaluator
@@ -73,8 +90,18 @@ def main(argv: Optional[Sequence[str]] = None, parser_class=argparse.ArgumentPar
     if args.all == (args.benchmark is not None):
         parser.error("name one BENCHMARK or pass --all")
     backbone = resolve_backbone_name(args.backbone)
+    feedback = None
     if not args.no_fsa:  # λ and p checked before any work
-        FeedbackConfig(lam=default_lambda(backbone) if args.lam is None else args.lam, p=args.p)
+        feedback = FeedbackConfig(lam=default_lambda(backbone) if args.lam is None else args.lam, p=args.p)
+    sweep: tuple = ()
+    if args.sweep:  # every setting of the grid checked before any model loads
+        if args.no_fsa:
+            parser.error("--sweep varies FSA's settings; drop --no-fsa")
+        try:
+            sweep = normalize_sweep(args.sweep)
+            sweep_grid(feedback, sweep, depth=vision_depth(backbone), method=args.method)
+        except SweepError as exc:
+            parser.error(str(exc))
     benchmarks = list(BENCHMARK_ORDER) if args.all else [args.benchmark]
     base_output = Path(args.output) if args.output else DEFAULT_OUTPUT
     configs = []
@@ -88,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None, parser_class=argparse.ArgumentPar
             short_side=args.short_side, crop=args.crop, stride=args.stride, logit_scale=args.logit_scale,
             prob_thd=args.prob_thd, names_file=Path(args.names) if args.names else None, limit=args.limit,
             output=output, resume=args.resume, save_predictions=Path(save) if save else None,
-            skip_bad=args.skip_bad, pamr=args.pamr))
+            skip_bad=args.skip_bad, pamr=args.pamr, sweep=sweep))
     if args.all:  # every dataset present before hours of work start
         from . import datasets
 
@@ -117,6 +144,12 @@ def main(argv: Optional[Sequence[str]] = None, parser_class=argparse.ArgumentPar
                 print(f"skipped {len(result.skipped)} image(s):")
                 for image_id, reason in result.skipped:
                     print(f"  {image_id}: {reason}")
+            if result.sweep:
+                output = Path(config.output)
+                output.mkdir(parents=True, exist_ok=True)
+                (output / "ablation.md").write_text(ablation_table(result) + "\n")
+                write_ablation_csv(output / "ablation.csv", result)
+                print(f"ablation table written to {output / 'ablation.md'} and {output / 'ablation.csv'}")
     if _is_main():
         if args.json:
             data = results[0].to_json() if len(results) == 1 else [r.to_json() for r in results]
@@ -143,7 +176,9 @@ def _fmt(value: Optional[float]) -> str:
 
 
 def format_result(result, *, verbose: bool = False) -> str:
-    """The scores of one evaluation as a small text table."""
+    """The scores of one evaluation as a small text table (a sweep: its ablation table)."""
+    if result.sweep:
+        return _format_sweep(result, verbose=verbose)
     label = METHOD_LABELS[result.method]
     sources = sorted({p["source"] for p in result.settings["presets"].values()})
     lines = [f"{label}{' + FSA' if result.fsa else ''} on {result.benchmark} ({result.backbone}, {result.images} images, "
@@ -171,6 +206,63 @@ def format_result(result, *, verbose: bool = False) -> str:
     return "\n".join(lines)
 
 
+BEYOND_PAPER = "(beyond the paper)"
+
+
+def ablation_rows(result) -> list[tuple[str, str, object, str, bool]]:
+    """(label, key, scores, ΔmIoU text, beyond the paper) per row: the baseline, then each sweep setting."""
+    rows = [(f"{METHOD_LABELS[result.method]} (baseline)", "baseline", result.baseline, "", False)]
+    for key, value in result.sweep.items():
+        beyond = key in result.beyond_paper
+        label = f"+ FSA {setting_label(result.sweep_settings[key])}" + (f" {BEYOND_PAPER}" if beyond else "")
+        rows.append((label, key, value, _delta(value.miou, result.baseline.miou), beyond))
+    return rows
+
+
+def _cell(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.2f}"
+
+
+def ablation_table(result) -> str:
+    """Markdown ablation table of a sweep: rows the baseline and each setting; mIoU, aAcc, mAcc, ΔmIoU."""
+    lines = [f"{METHOD_LABELS[result.method]} + FSA on {result.benchmark} ({result.backbone}, {result.images} images)",
+             "", "| setting | mIoU | aAcc | mAcc | ΔmIoU |", "|---|---:|---:|---:|---:|"]
+    for label, _, value, delta, _ in ablation_rows(result):
+        lines.append(f"| {label} | {_cell(value.miou)} | {_cell(value.aacc)} | {_cell(value.macc)} | {delta} |")
+    return "\n".join(lines)
+
+
+def write_ablation_csv(path: Path, result) -> None:
+    """The ablation table as CSV (unrounded scores; one column per swept axis)."""
+    axes = list(next(iter(result.sweep_settings.values()), {}))
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["setting", "key", *axes, "mIoU", "aAcc", "mAcc", "delta_mIoU", "beyond_paper"])
+        for label, key, value, _, beyond in ablation_rows(result):
+            setting = result.sweep_settings.get(key, {})
+            delta = "" if key == "baseline" else value.miou - result.baseline.miou
+            writer.writerow([label, key, *(setting.get(a, "") for a in axes), value.miou, value.aacc, value.macc,
+                             delta, beyond])
+
+
+def _format_sweep(result, *, verbose: bool) -> str:
+    sources = sorted({p["source"] for p in result.settings["presets"].values()})
+    lines = [f"sweep of {len(result.sweep)} FSA settings, {result.settings['protocol']} protocol: "
+             f"{', '.join(sources)}, {result.seconds:.0f} s"]
+    if result.backbone == TINY_TEST:
+        lines.append(f"note: {TINY_TEST} has random weights; these scores mean nothing")
+    lines.append(ablation_table(result))
+    if verbose:
+        rows = ablation_rows(result)
+        width = max(len(n) for n in result.class_names)
+        lines.append("")
+        lines.extend(f"#{i}: {label}" for i, (label, *_) in enumerate(rows))
+        lines.append(f"{'class IoU':<{width}} " + " ".join(f"{'#' + str(i):>7}" for i in range(len(rows))))
+        for c, name in enumerate(result.class_names):
+            lines.append(f"{name:<{width}} " + " ".join(f"{_fmt(value.iou[c]):>7}" for _, _, value, _, _ in rows))
+    return "\n".join(lines)
+
+
 def _delta(value: float, base: float) -> str:
     if math.isnan(value) or math.isnan(base):
         return "n/a"
@@ -183,6 +275,9 @@ def _rows(results):
     rows = [(label, [r.baseline.miou for r in results])]
     if all(r.fsa is not None for r in results):
         rows.append((f"{label} + FSA", [r.fsa.miou for r in results]))
+    for key, setting in results[0].sweep_settings.items():  # a sweep: one row per setting
+        if all(key in r.sweep for r in results):
+            rows.append((f"{label} + FSA {setting_label(setting)}", [r.sweep[key].miou for r in results]))
     return rows
 
 
