@@ -86,6 +86,7 @@ class PatchExplanation:
     cls_attention: Optional[np.ndarray] = None  #: (H,) A₀[i, CLS], the mass the dropped column held
     iterations: list[IterationExplanation] = field(default_factory=list)
     query_names: list[str] = field(default_factory=list)  #: (K,) the text queries of Z, U, query_probs
+    query_classes: list[int] = field(default_factory=list)  #: (K,) index into class_names of each query
     feedback: Optional[FeedbackConfig] = None  #: the FSA settings of the run
 
     @staticmethod
@@ -278,5 +279,6 @@ class DiagnosticsStore:
             cls_attention=a0_rows[:, 0].float().numpy() if d.cls_token else None,
             iterations=iterations,
             query_names=list(self.vocabulary.queries),
+            query_classes=list(self.vocabulary.query_to_class),
             feedback=cfg,
         )

@@ -130,6 +130,7 @@ def test_step_fields_follow_the_formulas(golden_model, ref_inputs, method, cfg):
         ex = _explain(store, row, col)
         p = row * gw + col
         assert ex.query_names == list(vocab.queries) and ex.feedback == cfg
+        assert ex.query_classes == [0, 0, 1, 1, 1, 2, 2]
         assert len(ex.iterations) == cfg.iterations
         for t, it in enumerate(ex.iterations):
             z = 20.0 * z_cos[t][1]  # (N, K): every patch, for Ŝ's other side
