@@ -246,7 +246,7 @@ def parse_blocks(text, depth: Callable[[], int]) -> Optional[tuple[int, ...]]:
             f"“{LAST_TWO_BLOCKS}”, or leave the box empty for the last block (the paper)")
     blocks = []
     for token in words.replace(",", " ").split():
-        if not token.isdigit():
+        if not (token.isascii() and token.isdigit()):
             raise ValueError(f"blocks: {token!r} is not a block number; {hint}")
         block = int(token)
         if not 1 <= block <= n:

@@ -92,6 +92,7 @@ def test_switch_values_reach_feedback_config(app, photo, depth):
     (("kl", 1, "{over}"), "blocks: block {over} is outside 1..{depth}"),
     (("kl", 1, "2, 2"), "blocks: block 2 is listed twice"),
     (("kl", 1, "3.5"), "blocks: '3.5' is not a block number"),
+    (("kl", 1, "\u00b2"), "blocks: '\u00b2' is not a block number"),  # a digit to str.isdigit, not to int()
     (("kl", 2.5, ""), "iterations (feedback passes) must be a whole number in [1, 4], got 2.5"),
     (("kl", 5, ""), "iterations (feedback passes) must be a whole number in [1, 4], got 5"),
     (("cosine", 1, ""), "FeedbackConfig.similarity must be one of kl, sym_kl, js, got 'cosine'"),

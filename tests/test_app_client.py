@@ -264,3 +264,5 @@ def test_segment_beyond_the_paper(client, photo_path):
     assert "beyond the paper" not in summary
     with pytest.raises(AppError, match="blocks: 'x' is not a block number"):
         client.predict(handle_file(photo_path), "cup, table", "clearclip", blocks="x", api_name="/segment")
+    with pytest.raises(AppError, match=r"'cosine'.*not in the list of choices: \['kl', 'sym_kl', 'js'\]"):
+        client.predict(handle_file(photo_path), "cup, table", "clearclip", similarity="cosine", api_name="/segment")
