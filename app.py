@@ -202,6 +202,151 @@ def _progress_callback(progress, start: float = 0.0, span: float = 1.0):
     return report
 
 
+# --------------------------------------------------------------------------- beyond the paper
+#: The paper's values of the switches FSA leaves open (fsa.FeedbackConfig's defaults).
+PAPER_SIMILARITY, PAPER_ITERATIONS = "kl", 1
+SIMILARITY_CHOICES = [("KL divergence (the paper)", "kl"), ("symmetric KL (beyond the paper)", "sym_kl"),
+                      ("Jensen–Shannon (beyond the paper)", "js")]
+ITERATIONS_MAX = 4
+LAST_BLOCK, LAST_TWO_BLOCKS = "last", "last two"
+NO_STEPS_MESSAGE = ("Segment, then click a point on the image or on a mask: its patch's feedback is played here "
+                    "step by step.")
+BEYOND_INTRO = """\
+The paper runs **one** feedback pass into the **last** block, with a **KL** similarity. These switches ask what
+the paper leaves open; any value other than the first one is **not the paper's method** and the run summary says so.
+They apply to *Segment* and `/segment`; *Compare all baselines*, `/attention` and `/score` keep the paper's
+settings. The step-by-step view below works for the paper's settings too."""
+
+
+def parse_iterations(value) -> int:
+    """Feedback passes from the page (a slider may send 2.0) → int in 1..ITERATIONS_MAX; None → the paper's 1."""
+    if value is None:
+        return PAPER_ITERATIONS
+    return check_number("iterations (feedback passes)", value, low=1, high=ITERATIONS_MAX, integer=True)
+
+
+def parse_blocks(text, depth: Callable[[], int]) -> Optional[tuple[int, ...]]:
+    """The blocks box → FeedbackConfig.blocks: None (the last block, the paper) or sorted 1-based blocks.
+
+    Accepts empty / "last" (the paper), "last two", or block numbers separated by commas or spaces
+    ("11, 12"); `depth()` (blocks of the vision tower) is only asked for when needed. The last block
+    alone is returned as None, the paper's setting. Raises ValueError naming the bad entry.
+    """
+    if text is None:
+        return None
+    if not isinstance(text, str):  # a sequence of block numbers from Python
+        text = ", ".join(str(b) for b in text)
+    words = text.strip().lower().replace("(the paper)", "").replace("(paper)", "").strip()
+    if words in ("", LAST_BLOCK):
+        return None
+    n = depth()
+    if words == LAST_TWO_BLOCKS:
+        return (n - 1, n) if n > 1 else None
+    hint = (f"type 1-based block numbers separated by commas (e.g. “{max(1, n - 1)}, {n}”), "
+            f"“{LAST_TWO_BLOCKS}”, or leave the box empty for the last block (the paper)")
+    blocks = []
+    for token in words.replace(",", " ").split():
+        if not (token.isascii() and token.isdigit()):
+            raise ValueError(f"blocks: {token!r} is not a block number; {hint}")
+        block = int(token)
+        if not 1 <= block <= n:
+            raise ValueError(f"blocks: block {block} is outside 1..{n} of this backbone's {n}-block vision tower; "
+                             f"{hint}")
+        if block in blocks:
+            raise ValueError(f"blocks: block {block} is listed twice; {hint}")
+        blocks.append(block)
+    return None if blocks == [n] else tuple(sorted(blocks))
+
+
+def beyond_paper_switches(feedback) -> list[str]:
+    """The switches of a FeedbackConfig (or None) that are not the paper's, in words ([] for the paper)."""
+    if feedback is None:
+        return []
+    out = []
+    if feedback.similarity != PAPER_SIMILARITY:
+        out.append(f"similarity {feedback.similarity}")
+    if feedback.iterations != PAPER_ITERATIONS:
+        out.append(f"{feedback.iterations} iterations")
+    if feedback.blocks is not None:
+        out.append(f"blocks {', '.join(map(str, feedback.blocks))}")
+    return out
+
+
+def pass_choices(count: int) -> list[str]:
+    return [f"pass {t}" for t in range(1, count + 1)]
+
+
+def parse_pass(value: Optional[str], count: int) -> int:
+    """Pass selector value ("pass 2") → 1-based pass, the last one if beyond `count`; None → 1."""
+    if not value:
+        return 1
+    try:
+        t = int(str(value).split()[-1])
+    except ValueError:
+        raise gr.Error(f"unknown pass {value!r}; pick “pass N”") from None
+    return max(1, min(count, t))
+
+
+_SIMILARITY_FORMULAS = {
+    "kl": ("Ŝ[i] = 1/(1 + KL(Π_i‖Π_j))", ""),
+    "sym_kl": ("Ŝ[i] = 1/(1 + ½(KL(Π_i‖Π_j) + KL(Π_j‖Π_i)))", " Symmetric KL: beyond the paper."),
+    "js": ("Ŝ[i] = 1/(1 + JS(Π_i, Π_j))", " Jensen–Shannon: beyond the paper."),
+}
+
+
+def feedback_step_lines(exp, iteration: int, head: Optional[int] = None) -> list[str]:
+    """One line of plain text per step of feedback pass `iteration` (1-based) of a PatchExplanation."""
+    cfg = exp.feedback or fsa.FeedbackConfig()
+    it = exp.iterations[iteration - 1]
+    n = it.kept.size
+    source = "the baseline" if iteration == 1 else f"FSA's pass {iteration - 1} (beyond the paper)"
+
+    def top(names, values):
+        j = int(np.argmax(values))
+        return f"{names[j]} {values[j]:.2f}"
+
+    lines = []
+    if it.feedback_logits is not None:
+        lines.append(f"1. Z = {cfg.feedback_scale:g}·cos: what {source} predicts for this patch, one logit per "
+                     f"text query (highest: {top(exp.query_names, it.feedback_logits)}).")
+    else:
+        lines.append(f"1. Z = {cfg.feedback_scale:g}·cos: what {source} predicts for this patch.")
+    if it.isolation_logits is not None:
+        lines.append(f"2. U = {cfg.isolation_scale:g}·cos under uniform attention: what the block predicts when "
+                     f"every token attends to every token equally, the ‘everything attends to everything’ bias "
+                     f"(highest: {top(exp.query_names, it.isolation_logits)}).")
+        pi_formula, pi_what = "Π = softmax(Z − U)", "with that bias removed"
+    else:
+        lines.append("2. U: attention isolation is off, so no bias is subtracted (an ablation of the paper).")
+        pi_formula, pi_what = "Π = softmax(Z)", "as the feedback sees it (no bias removed)"
+    lines.append(f"3. {pi_formula}: the patch's class distribution {pi_what}; a class takes its best synonym "
+                 f"(most likely: {top(exp.class_names, it.class_probs)}).")
+    formula, note = _SIMILARITY_FORMULAS.get(cfg.similarity, ("Ŝ[i]", ""))
+    lines.append(f"4. {formula}: how much each patch j agrees with the query patch (1 = the same distribution; "
+                 f"here {float(it.similarity.min()):.3f} to 1).{note}")
+    kept = int(it.kept.sum())
+    if cfg.pruning:
+        lines.append(f"5. Kept set: top-p pruning (p = {cfg.p:g}) keeps the {kept} of {n} patches that agree most; "
+                     f"the dimmed rest get no attention.")
+    else:
+        lines.append(f"5. Kept set: pruning is off, so all {n} patches stay (an ablation of the paper).")
+    lines.append(f"6. A_new[i] = softmax(Ŝ·exp({cfg.lam:g}·Ŝ)) over the kept set: attention from agreement "
+                 f"(largest weight {float(it.attn_new.max()):.3f}).")
+    blocks = [b.block for b in it.blocks]
+    where = f"block {blocks[-1]}"
+    if len(blocks) > 1:
+        where += (f"; blocks {', '.join(map(str, blocks[:-1]))} blend the same A_new with their own A₀ "
+                  f"(beyond the paper)")
+    head_text = "mean over heads" if head is None else f"head {head + 1}"
+    if cfg.ensemble:
+        lines.append(f"7. A_ens[i] = (A_new·A₀ + A₀·A_new + A_new)/3: blended with the baseline's attention "
+                     f"A₀, this is what FSA uses ({where}; {head_text}).")
+    else:
+        lines.append(f"7. A_ens[i]: the adaptation ensemble is off, so FSA uses A_new[i] itself, without the "
+                     f"baseline's attention (an ablation of the paper; {where}).")
+    return lines
+
+
 # --------------------------------------------------------------------------- the shared app object
 class DemoApp:
     """Model caches (shared by all sessions, thread-safe) and the callbacks of the page.
@@ -274,10 +419,14 @@ class DemoApp:
     # -- settings -----------------------------------------------------------------------------
     def settings(self, method: str, fsa_on: bool, isolation: bool, pruning: bool, ensemble: bool, lam: float,
                  p: float, short_side=None, crop=None, stride=None, logit_scale=None, bg_threshold=0.0,
-                 keep_diagnostics: bool = True) -> "fsa.SegmentSettings":
+                 keep_diagnostics: bool = True, similarity: str = PAPER_SIMILARITY,
+                 iterations: int = PAPER_ITERATIONS, blocks: Optional[tuple[int, ...]] = None
+                 ) -> "fsa.SegmentSettings":
         # Numbers go to the settings as they came (NaN, inf, None too): their checks name the field.
+        # similarity, iterations, blocks: "Explore beyond the paper" (defaults = the paper).
         feedback = fsa.FeedbackConfig(lam=lam, p=p, isolation=bool(isolation),
-                                      pruning=bool(pruning), ensemble=bool(ensemble)) if fsa_on else None
+                                      pruning=bool(pruning), ensemble=bool(ensemble), similarity=similarity,
+                                      iterations=iterations, blocks=blocks) if fsa_on else None
         return fsa.SegmentSettings(
             method=method or "clearclip", feedback=feedback,
             short_side=short_side if short_side else self.default_short_side,
@@ -357,6 +506,10 @@ class DemoApp:
         notes = list(res.notes)
         if res.is_test_model:
             notes.append("random test weights: the masks are meaningless")
+        beyond = beyond_paper_switches(settings.feedback if record.fsa is not None else None)
+        if beyond:
+            line += (f"\n\n**Not the paper's method, beyond the paper: {', '.join(beyond)}** (the paper: similarity "
+                     f"kl, 1 iteration, the last block).")
         return line + "".join(f"\n\nNote: {n}" for n in notes)
 
     def attention_outputs(self, record: Optional[RunRecord], head: Optional[str]):
@@ -389,19 +542,26 @@ class DemoApp:
 
     # -- callbacks ----------------------------------------------------------------------------
     def run(self, record, image, vocabulary, method, backbone, fsa_on, isolation, pruning, ensemble, lam, p,
-            short_side, crop, stride, logit_scale, bg_threshold, progress=gr.Progress()):
-        """Segment button: both masks, the summary line; resets the clicked-patch view."""
+            short_side, crop, stride, logit_scale, bg_threshold, similarity=PAPER_SIMILARITY,
+            iterations=PAPER_ITERATIONS, blocks="", progress=gr.Progress()):
+        """Segment button: both masks, the summary line; resets the clicked-patch view.
+
+        similarity, iterations, blocks: the "Explore beyond the paper" fields (defaults = the paper).
+        """
         settings = self.settings(method, fsa_on, isolation, pruning, ensemble, lam, p, short_side, crop, stride,
-                                 logit_scale, bg_threshold)
+                                 logit_scale, bg_threshold,
+                                 **self.feedback_switches(backbone, fsa_on, similarity, iterations, blocks))
         record = self._run(image, vocabulary, backbone, settings, progress)
         baseline_img, fsa_img = self.mask_images(record)
         cleared = (None,) * 5 + ("Click a point on the image or on a mask to inspect its patch.",)
         return (baseline_img, fsa_img, self.run_summary(record), record) + cleared
 
     def api_segment(self, record, image, vocabulary, method, fsa_on, isolation, pruning, ensemble, lam, p,
-                    progress=gr.Progress()):
-        """/segment: (image, vocabulary, method, FSA settings) → baseline mask, FSA mask, summary."""
-        settings = self.settings(method, fsa_on, isolation, pruning, ensemble, lam, p)
+                    similarity=PAPER_SIMILARITY, iterations=PAPER_ITERATIONS, blocks="", progress=gr.Progress()):
+        """/segment: (image, vocabulary, method, FSA settings[, similarity, iterations, blocks]) → baseline mask,
+        FSA mask, summary. The last three are beyond the paper; their defaults are the paper's."""
+        settings = self.settings(method, fsa_on, isolation, pruning, ensemble, lam, p,
+                                 **self.feedback_switches(None, fsa_on, similarity, iterations, blocks))
         record = self._run(image, vocabulary, None, settings, progress)
         baseline_img, fsa_img = self.mask_images(record)
         return baseline_img, fsa_img, self.run_summary(record), record
@@ -528,6 +688,56 @@ class DemoApp:
     def backbone_defaults(backbone: str):
         return default_lambda(backbone or "")
 
+    # -- explore beyond the paper -------------------------------------------------------------------
+    def tower_depth(self, backbone: Optional[str] = None) -> int:
+        """Blocks in the vision tower of `backbone` (loads its CLIP, as a run would)."""
+        return len(self.segmenter(backbone).load().model.visual.transformer.resblocks)
+
+    def feedback_switches(self, backbone, fsa_on, similarity, iterations, blocks) -> dict:
+        """The "Explore beyond the paper" fields → FeedbackConfig's similarity, iterations, blocks (checked;
+        ignored with FSA off). Raises ValueError naming a bad field."""
+        if not fsa_on:
+            return {}
+        return dict(similarity=similarity or PAPER_SIMILARITY, iterations=parse_iterations(iterations),
+                    blocks=parse_blocks(blocks, lambda: self.tower_depth(backbone)))
+
+    def feedback_steps(self, record, iteration, head):
+        """"Feedback step by step": the 7 pictures (with their lines as captions) of one feedback pass for the
+        clicked patch, the lines as text, and the pass selector. No network run."""
+        if record is None or record.point is None or record.fsa is None:
+            message = NO_STEPS_MESSAGE
+            if record is not None and record.fsa is None:
+                message = "FSA is off: switch it on and press “Segment” to see its feedback step by step."
+            return [], message, gr.update(choices=pass_choices(1), value=pass_choices(1)[0])
+        exp = record.fsa.explain(*record.point)
+        count = len(exp.iterations)
+        t = parse_pass(iteration, count)
+        it = exp.iterations[t - 1]
+        h = parse_head(head)
+        if h is not None and h >= exp.num_heads:
+            h = None
+        colors = viz.class_colors(record.fsa.class_names)[:len(exp.class_names)]
+        query_colors = colors[exp.query_classes] if exp.query_classes else None
+        panels = viz.feedback_step_panels(
+            record.fsa.image, exp.window, exp.patch, query_names=exp.query_names,
+            feedback_logits=(it.feedback_logits if it.feedback_logits is not None
+                             else np.zeros(len(exp.query_names))),
+            isolation_logits=it.isolation_logits, class_names=exp.class_names, class_probs=it.class_probs,
+            similarity=it.similarity, kept=it.kept, attn_new=it.attn_new,
+            attn_ensemble=exp.head_view(it.attn_ensemble, h), query_colors=query_colors, colors=colors)
+        lines = feedback_step_lines(exp, t, h)
+        beyond = beyond_paper_switches(exp.feedback)
+        header = (f"**Pass {t} of {count}** for the query patch at row {exp.patch[0]}, column {exp.patch[1]}: how "
+                  f"its attention moves from the baseline's A₀[i] (under “Clicked patch”) to FSA's A_ens[i] "
+                  f"(step 7).")
+        if t > 1:
+            header += f" This pass feeds back pass {t - 1}'s output instead of the baseline's (beyond the paper)."
+        if beyond:
+            header += f" Not the paper's method, beyond the paper: {', '.join(beyond)}."
+        text = header + "\n\n" + "\n".join(lines)
+        choices = pass_choices(count)
+        return list(zip(panels, lines)), text, gr.update(choices=choices, value=choices[t - 1])
+
 
 # --------------------------------------------------------------------------- layout
 def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
@@ -625,6 +835,25 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
             score_errors = gr.Image(label="Error maps (red: wrong)", type="numpy", format="png", interactive=False,
                                     elem_id="score-errors")
             api_score = gr.Button("api-score", visible=False)
+        with gr.Accordion("Explore beyond the paper", open=False, elem_id="beyond-section"):
+            gr.Markdown(BEYOND_INTRO)
+            with gr.Row():
+                beyond_similarity = gr.Radio(SIMILARITY_CHOICES, value=PAPER_SIMILARITY, elem_id="beyond-similarity",
+                                             label="Output similarity Ŝ (other than KL: beyond the paper)")
+                beyond_iterations = gr.Slider(1, ITERATIONS_MAX, value=PAPER_ITERATIONS, step=1,
+                                              label="Feedback passes (1 = the paper; more: beyond the paper)",
+                                              elem_id="beyond-iterations")
+                beyond_blocks = gr.Textbox("", label="Adapted blocks (other than the last: beyond the paper)",
+                                           placeholder="empty = the last block (the paper); “last two”; "
+                                                       "“11, 12”",
+                                           elem_id="beyond-blocks")
+            gr.Markdown("### Feedback step by step\nFor the clicked patch: each step of one feedback pass, "
+                        "in order, with one line saying what it is (the gallery's arrows go from step to step).")
+            steps_pass = gr.Radio(pass_choices(1), value=pass_choices(1)[0], label="Feedback pass",
+                                  elem_id="steps-pass")
+            steps_text = gr.Markdown(NO_STEPS_MESSAGE, elem_id="steps-text")
+            steps_gallery = gr.Gallery(label="Feedback step by step", columns=4, preview=True, format="png",
+                                       object_fit="contain", elem_id="steps-gallery")
         # Hidden inputs of the /attention endpoint and triggers of the two API endpoints.
         with gr.Row(visible=False):
             query_x = gr.Number(label="x", elem_id="query-x")
@@ -636,6 +865,8 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
         model_job = dict(concurrency_id="model", concurrency_limit=int(os.environ.get("FSA_CONCURRENCY", "1")))
         run_inputs = [record, image, classes, method, backbone, fsa_on, isolation, pruning, ensemble, lam, p,
                       short_side, crop, stride, logit_scale, bg_threshold]
+        beyond = [beyond_similarity, beyond_iterations, beyond_blocks]
+        run_inputs += beyond
         run.click(wrap(app.run), run_inputs, [mask_baseline, mask_fsa, run_info, record] + attention,
                   api_visibility="private", show_progress_on=[mask_baseline, mask_fsa], **model_job)
         compare.click(wrap(app.compare_all), [image, classes, backbone, fsa_on, isolation, pruning, ensemble, lam, p,
@@ -651,7 +882,7 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
                       queue=False)
         backbone.change(app.backbone_defaults, backbone, lam, api_visibility="private", queue=False)
         api_segment.click(wrap(app.api_segment),
-                          [record, image, classes, method, fsa_on, isolation, pruning, ensemble, lam, p],
+                          [record, image, classes, method, fsa_on, isolation, pruning, ensemble, lam, p] + beyond,
                           [mask_baseline, mask_fsa, run_info, record], api_name="segment", **model_job)
         api_attention.click(wrap(app.api_attention), [record, image, classes, method, query_x, query_y, head],
                             attention + [record], api_name="attention", **model_job)
@@ -659,6 +890,12 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
                            api_name="score_button", api_visibility="private", concurrency_limit=4)
         api_score.click(wrap(app.api_score), [record, image, classes, method, score_reference],
                         [score_table, score_errors, record], api_name="score", **model_job)
+        # Feedback step by step: redrawn whenever the clicked-patch description changes (a click, the head
+        # selector, or a new run that clears it) and when another pass is picked.
+        steps_outputs = [steps_gallery, steps_text, steps_pass]
+        steps_job = dict(api_visibility="private", concurrency_limit=4)
+        attn_info.change(wrap(app.feedback_steps), [record, steps_pass, head], steps_outputs, **steps_job)
+        steps_pass.input(wrap(app.feedback_steps), [record, steps_pass, head], steps_outputs, **steps_job)
     check_number_inputs(demo)
     demo.queue(max_size=64, default_concurrency_limit=2)
     return demo

@@ -1,9 +1,9 @@
 """What a user sees for a query patch (method.md §5), without rerunning the network.
 
 Per window only grid-level data are kept: the last block's q, k (or the proxy features), the
-fused maps, and per feedback pass Π and the q, k of the blocks the pass re-ran; the N×N matrices
-of one window are recomputed from them on the first query there and kept for the next clicks in
-the same window.
+fused maps, the uniform-attention cosines (U), and per feedback pass Π, the cosines it came from
+(Z) and the q, k of the blocks the pass re-ran; the N×N matrices of one window are recomputed from
+them on the first query there and kept for the next clicks in the same window.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .attention import attention_weights
+from .config import FeedbackConfig
 from .feedback import adapted_attention, output_similarity, prune_top_p
 from .logits import FeedbackDetails, FeedbackStep
 from .sliding import Window, nearest_window
@@ -35,7 +36,11 @@ class BlockExplanation:
 
 @dataclass
 class IterationExplanation:
-    """The feedback of one pass t (1-based) for the query patch, on the attention grid (gh, gw)."""
+    """The feedback of one pass t (1-based) for the query patch, on the attention grid (gh, gw).
+
+    In the order of method.md §3: Z_i and U_i (per query, K = synonyms counted separately), Π_i,
+    Ŝ[i], the kept set, A_new[i], and per adapted block A_ens[i].
+    """
 
     iteration: int
     attn_new: np.ndarray  #: (gh, gw) A_new[i] of this pass
@@ -43,6 +48,18 @@ class IterationExplanation:
     kept: np.ndarray  #: (gh, gw) bool, the entries kept by pruning (all True with pruning off)
     class_probs: np.ndarray  #: (C,) Π_i this pass adapted with, maximum over each class's synonyms
     blocks: list[BlockExplanation]  #: the adapted blocks, ascending
+    #: (K,) Z_i = feedback_scale · cos_i: the baseline's logits for pass 1, pass t−1's output's after
+    #: (None for details made without the cosines)
+    feedback_logits: Optional[np.ndarray] = None
+    #: (K,) U_i = isolation_scale · cos_i under uniform attention (the same every pass); None with
+    #: isolation off
+    isolation_logits: Optional[np.ndarray] = None
+    query_probs: Optional[np.ndarray] = None  #: (K,) Π_i per query, softmax(Z_i − U_i) (softmax(Z_i), isolation off)
+
+    @property
+    def attn_ensemble(self) -> np.ndarray:
+        """(H, gh, gw) A_ens[i] of the highest adapted block (the last block by default)."""
+        return self.blocks[-1].attn_ensemble
 
 
 @dataclass
@@ -68,6 +85,9 @@ class PatchExplanation:
     class_names: list[str]
     cls_attention: Optional[np.ndarray] = None  #: (H,) A₀[i, CLS], the mass the dropped column held
     iterations: list[IterationExplanation] = field(default_factory=list)
+    query_names: list[str] = field(default_factory=list)  #: (K,) the text queries of Z, U, query_probs
+    query_classes: list[int] = field(default_factory=list)  #: (K,) index into class_names of each query
+    feedback: Optional[FeedbackConfig] = None  #: the FSA settings of the run
 
     @staticmethod
     def head_view(maps: np.ndarray, head: Optional[int] = None) -> np.ndarray:
@@ -211,6 +231,11 @@ class DiagnosticsStore:
         def grid_of(rows: Tensor) -> np.ndarray:
             return rows[..., -n:].reshape(*rows.shape[:-1], gh, gw).float().numpy()
 
+        cfg = d.feedback
+        u_logits = None
+        if d.u_cos is not None:  # (1, N or 1, K): one row per patch with a residual, else one for all
+            u_row = d.u_cos[0, p if d.u_cos.shape[1] > 1 else 0]
+            u_logits = (cfg.isolation_scale * u_row.double()).numpy()
         iterations = []
         for number, (step, sm) in enumerate(zip(_steps_of(d), mats.steps), start=1):
             blocks = []
@@ -227,6 +252,10 @@ class DiagnosticsStore:
                 kept=keep_row.reshape(gh, gw).numpy(),
                 class_probs=aggregate_synonyms(step.pi[0, p], self.vocabulary, dim=0).float().numpy(),
                 blocks=blocks,
+                feedback_logits=(None if step.z_cos is None
+                                 else (cfg.feedback_scale * step.z_cos[0, p].double()).numpy()),
+                isolation_logits=u_logits,
+                query_probs=step.pi[0, p].double().numpy(),
             ))
         final = iterations[-1]
         if mats.a0 is None:
@@ -250,4 +279,7 @@ class DiagnosticsStore:
             class_names=list(self.vocabulary.class_names),
             cls_attention=a0_rows[:, 0].float().numpy() if d.cls_token else None,
             iterations=iterations,
+            query_names=list(self.vocabulary.queries),
+            query_classes=list(self.vocabulary.query_to_class),
+            feedback=cfg,
         )

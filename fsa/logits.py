@@ -49,10 +49,13 @@ class FeedbackStep:
     (q, k), each (B, H, L, d), on the tokens that entered that block in this pass, for the blocks
     the pass re-ran whose attention a diagnostic view needs (the adapted ones, GCLIP's fusion
     blocks); a block absent here saw the baseline's tokens (FeedbackDetails.q/k, fused_maps).
+    z_cos: (B, N, K) the patch cosines behind this pass's feedback logits Z = feedback_scale · z_cos:
+    the baseline's output for pass 1, pass t−1's output after (None in details made without it).
     """
 
     pi: Tensor
     block_qk: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    z_cos: Optional[Tensor] = None
 
 
 @dataclass
@@ -62,7 +65,9 @@ class FeedbackDetails:
     q, k: (B, H, L, d) of the baseline's last block; pi: (B, N, K) the class distribution Π of the
     last pass; proxy_features (B, C, I, J) and fused_maps [(B, L, L)] (the baseline's, in the order
     of fused_blocks) where the method uses them; steps: one `FeedbackStep` per pass (iteration);
-    depth: blocks in the vision tower.
+    depth: blocks in the vision tower; u_cos: the patch cosines under uniform attention behind the
+    isolation logits U = isolation_scale · u_cos, (B, N, K) with a residual, else (B, 1, K) (every
+    row is the same), None with isolation off.
     """
 
     method: str
@@ -79,6 +84,7 @@ class FeedbackDetails:
     steps: list[FeedbackStep] = field(default_factory=list)
     depth: int = 0
     fused_blocks: tuple[int, ...] = ()  #: 1-based GCLIP fusion blocks of fused_maps
+    u_cos: Optional[Tensor] = None
 
     def adapted_blocks(self) -> tuple[int, ...]:
         """1-based blocks that received the adapted attention (the last block by default)."""
@@ -89,12 +95,12 @@ class FeedbackDetails:
         def one(t: Optional[Tensor]) -> Optional[Tensor]:
             return None if t is None else t[index:index + 1].detach().cpu()
 
-        steps = [FeedbackStep(one(s.pi), {b: (one(q), one(k)) for b, (q, k) in s.block_qk.items()})
-                 for s in self.steps]
+        steps = [FeedbackStep(one(s.pi), {b: (one(q), one(k)) for b, (q, k) in s.block_qk.items()},
+                              one(s.z_cos)) for s in self.steps]
         return FeedbackDetails(
             self.method, self.grid, self.clip_grid, self.cls_token, one(self.q), one(self.k),
             steps[-1].pi if steps else one(self.pi), self.feedback, self.options, one(self.proxy_features),
-            [one(m) for m in self.fused_maps], steps, self.depth, self.fused_blocks,
+            [one(m) for m in self.fused_maps], steps, self.depth, self.fused_blocks, one(self.u_cos),
         )
 
 
@@ -319,7 +325,8 @@ def _forward(
         steps: list[FeedbackStep] = []
         fsa_cos = cos
         for _ in range(feedback.iterations):
-            pi = class_distribution(fsa_cos, u_cos if feedback.isolation else None, feedback)
+            z_cos = fsa_cos  # this pass's feedback signal: the baseline's output, then the previous pass's
+            pi = class_distribution(z_cos, u_cos if feedback.isolation else None, feedback)
             a_new = feedback_attention(pi, feedback)
             if start >= depth - 1:  # the last block alone, always with the baseline's A₀
                 mixed = adapt_values(a_new, base.weights, base.values, feedback, cls_token=base.cls_token,
@@ -332,12 +339,13 @@ def _forward(
             del a_new
             fsa_cos = _patch_cosines(visual, fsa_out, text_features, base.cls_token)
             if keep_details:
-                steps.append(FeedbackStep(pi, block_qk))
+                steps.append(FeedbackStep(pi, block_qk, z_cos))
         result.fsa.append(fsa_cos)
         if keep_details:
             result.details.append(FeedbackDetails(
                 method, base.grid, clip_grid, base.cls_token, q, k, steps[-1].pi, feedback, options, proxy_features,
-                list(fused), steps, depth, tuple(i + 1 for i in plan.capture)))
+                list(fused), steps, depth, tuple(i + 1 for i in plan.capture),
+                u_cos if feedback.isolation else None))
     return result
 
 

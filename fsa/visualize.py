@@ -459,8 +459,166 @@ def error_maps(image, predictions: Sequence[np.ndarray], reference: np.ndarray, 
     return side_by_side(maps, captions, footer=error_key(max(width, 1), size), font_size=size)
 
 
+# --------------------------------------------------------------------------- feedback step by step
+#: number of panels of `feedback_step_panels`: Z, U, Π, Ŝ, kept set, A_new, A_ens
+FEEDBACK_STEPS = 7
+
+
+def logit_bar_chart(
+    names: Sequence[str],
+    values: np.ndarray,
+    colors: Optional[np.ndarray] = None,
+    title: str = "logits of the query patch",
+    size: tuple[float, float] = (5.0, 3.0),
+    dpi: int = 100,
+) -> np.ndarray:
+    """Horizontal bars of signed values (e.g. logits, one per text query) from a zero line.
+
+    values ``(K,)``; colors ``(K, 3) uint8`` (default: `palette`). Positive bars go right of the
+    black zero line, negative ones left, each labelled with its value. → ``(H, W, 3) uint8``.
+    """
+    from matplotlib.figure import Figure
+
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    if len(values) != len(names):
+        raise ValueError(f"{len(values)} values for {len(names)} names")
+    colors = palette(len(names)) if colors is None else np.asarray(colors)
+    height = max(size[1], 0.35 * len(names) + 1.0)
+    fig = Figure(figsize=(size[0], height), dpi=dpi)
+    ax = fig.add_subplot(1, 1, 1)
+    y = np.arange(len(names))
+    ax.barh(y, values, color=np.asarray(colors[: len(values)], dtype=np.float64) / 255.0, edgecolor="black")
+    ax.axvline(0.0, color="black", linewidth=1.0)
+    ax.set_yticks(y, [str(n) for n in names])
+    ax.invert_yaxis()
+    lo, hi = min(0.0, float(values.min(initial=0.0))), max(0.0, float(values.max(initial=0.0)))
+    span = max(hi - lo, 1e-6)
+    ax.set_xlim(lo - 0.25 * span * (lo < 0), hi + 0.25 * span)  # room for the value labels
+    for yi, v in zip(y, values):
+        ax.text(v + (0.01 if v >= 0 else -0.01) * span, yi, f"{v:.2f}", va="center", fontsize=9,
+                ha="left" if v >= 0 else "right")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _figure_to_array(fig)
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """``text`` broken at spaces into lines no wider than ``width`` pixels (a long word stays whole)."""
+    lines: list[str] = []
+    for paragraph in str(text).split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = word if not line else f"{line} {word}"
+            if line and _text_width(font, candidate) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+        lines.append(line)
+    return lines
+
+
+def text_panel(text: str, width: int = 500, height: int = 300, font_size: int = 16) -> np.ndarray:
+    """A light-grey card ``(height, width, 3)`` with ``text`` wrapped to its width, in black."""
+    font = _font(font_size)
+    canvas = Image.new("RGB", (width, height), (245, 245, 245))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(_wrap(text, font, width - 24)):
+        draw.text((12, 12 + i * (font_size + 6)), line, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+
+def feedback_step_panels(
+    image,
+    window,
+    patch: tuple[int, int],
+    *,
+    query_names: Sequence[str],
+    feedback_logits: np.ndarray,
+    isolation_logits: Optional[np.ndarray],
+    class_names: Sequence[str],
+    class_probs: np.ndarray,
+    similarity: np.ndarray,
+    kept: np.ndarray,
+    attn_new: np.ndarray,
+    attn_ensemble: np.ndarray,
+    query_colors: Optional[np.ndarray] = None,
+    colors: Optional[np.ndarray] = None,
+) -> list[np.ndarray]:
+    """The `FEEDBACK_STEPS` pictures of one feedback pass for a query patch (method.md §3), in order:
+
+    1. `logit_bar_chart` of Z_i ``(K,)``; 2. of U_i ``(K,)``, or with isolation off
+    (``isolation_logits`` None) a `text_panel` saying so; 3. `class_bar_chart` of Π_i ``(C,)``;
+    4. Ŝ[i]; 5. Ŝ[i] with the patches outside ``kept`` dimmed; 6. A_new[i]; 7. A_ens[i] (one 2-D
+    map: the head mean or one head). 4-7 are `heatmap_overlay` of ``(gh, gw)`` maps over ``window``
+    of ``image`` with ``patch`` framed, each the size of ``image``. query_colors ``(K, 3)``: bar
+    colours of the queries (e.g. their class's colour); colors ``(C, 3)``: of the classes.
+    """
+    colors = class_colors(class_names) if colors is None else colors
+    query_colors = palette(len(query_names)) if query_colors is None else query_colors
+    z_chart = logit_bar_chart(query_names, feedback_logits, query_colors, title="Z_i: feedback logits")
+    if isolation_logits is None:
+        h, w = z_chart.shape[:2]
+        u_chart = text_panel("Attention isolation is off: no U is subtracted, so Π_i = softmax(Z_i).", w, h)
+    else:
+        u_chart = logit_bar_chart(query_names, isolation_logits, query_colors,
+                                  title="U_i: logits under uniform attention")
+    pi_chart = class_bar_chart(class_names, class_probs, colors)
+    return [
+        z_chart,
+        u_chart,
+        pi_chart,
+        heatmap_overlay(image, window, similarity, patch),
+        heatmap_overlay(image, window, similarity, patch, kept=kept),
+        heatmap_overlay(image, window, attn_new, patch),
+        heatmap_overlay(image, window, attn_ensemble, patch),
+    ]
+
+
+def feedback_steps_figure(
+    panels: Sequence[np.ndarray],
+    captions: Sequence[str],
+    cell_width: int = 320,
+    columns: int = 4,
+    gap: int = 6,
+    font_size: int = 13,
+) -> np.ndarray:
+    """Panels (e.g. `feedback_step_panels`) tiled on white, ``columns`` per row, each resized to
+    ``cell_width`` wide (aspect kept) under its caption wrapped to that width. → ``(H, W, 3) uint8``
+    with ``W = columns·cell_width + (columns + 1)·gap``."""
+    if len(panels) != len(captions) or not panels:
+        raise ValueError("one caption per panel, and at least one panel")
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    font = _font(font_size)
+    line_h = font_size + 5
+    width = columns * cell_width + (columns + 1) * gap
+    tiles = []
+    for panel, caption in zip(panels, captions):
+        lines = _wrap(caption, font, cell_width - 8)
+        tiles.append((lines, _fit(_as_rgb_uint8(panel), cell_width)))
+    bands = []
+    for start in range(0, len(tiles), columns):
+        row = tiles[start:start + columns]
+        cap_h = max(len(lines) for lines, _ in row) * line_h + 6
+        band_h = cap_h + max(p.shape[0] for _, p in row) + gap
+        band = Image.new("RGB", (width, band_h), (255, 255, 255))
+        draw = ImageDraw.Draw(band)
+        for j, (lines, _) in enumerate(row):
+            x = gap + j * (cell_width + gap)
+            for k, line in enumerate(lines):
+                draw.text((x + 4, 3 + k * line_h), line, fill=(0, 0, 0), font=font)
+        arr = np.array(band)
+        for j, (_, p) in enumerate(row):
+            x = gap + j * (cell_width + gap)
+            arr[cap_h:cap_h + p.shape[0], x:x + cell_width] = p
+        bands.append(arr)
+    return np.concatenate(bands, axis=0)
+
+
 __all__ = [
-    "BACKGROUND_COLOR", "ERROR_COLOR", "IGNORE_HATCH", "MARKER_COLOR", "apply_colormap", "class_bar_chart",
-    "class_colors", "colorize", "compare_grid", "error_key", "error_map", "error_maps", "heatmap_overlay",
-    "legend", "overlay", "palette", "patch_box", "segmentation_panel", "side_by_side", "with_legend",
+    "BACKGROUND_COLOR", "ERROR_COLOR", "FEEDBACK_STEPS", "IGNORE_HATCH", "MARKER_COLOR", "apply_colormap",
+    "class_bar_chart", "class_colors", "colorize", "compare_grid", "error_key", "error_map", "error_maps",
+    "feedback_step_panels", "feedback_steps_figure", "heatmap_overlay", "legend", "logit_bar_chart", "overlay",
+    "palette", "patch_box", "segmentation_panel", "side_by_side", "text_panel", "with_legend",
 ]

@@ -104,6 +104,10 @@ def test_errors_reach_the_client_as_messages(client, photo_path):
         client.predict(None, "cup", api_name="/segment")
 
 
+#: /segment's similarity, iterations, blocks at the paper's values: a raw positional call sends every input
+PAPER_SWITCHES = ["kl", 1, ""]
+
+
 def _raw_call(url: str, api: str, data: list) -> tuple[str, object]:
     """POST ``data`` to the HTTP API as JSON, NaN allowed (as `requests` or a load tester sends it; gradio_client
     refuses to encode NaN), and return (event, payload) of the answer: ("complete", outputs) or ("error", {...})."""
@@ -131,13 +135,13 @@ def uploaded_photo(server, photo_path):
 def test_nan_lambda_sent_as_json_is_a_specific_error_not_a_mask(server, uploaded_photo, compare_calls, capfd):
     nan = float("nan")
     event, payload = _raw_call(server[1], "segment", [uploaded_photo, "cup, table", "clearclip", True, True, True,
-                                                      True, nan, 0.45])
+                                                      True, nan, 0.45, *PAPER_SWITCHES])
     assert event == "error", payload
     assert payload["error"] == "λ (scaling of the similarity) must be a finite number in [0, 10], got nan"
     assert payload["title"] == "Check the inputs"
     for p in (nan, float("inf")):  # the top-p too
         event, payload = _raw_call(server[1], "segment", [uploaded_photo, "cup", "clearclip", True, True, True, True,
-                                                          3.0, p])
+                                                          3.0, p, *PAPER_SWITCHES])
         assert event == "error" and "p (top-p kept by pruning) must be a finite number in [0.05, 1]" in payload["error"]
     assert compare_calls == []
     assert "Traceback" not in capfd.readouterr().err
@@ -242,3 +246,23 @@ def test_python_app_py_starts_offline_and_says_what_is_missing(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def test_segment_beyond_the_paper(client, photo_path):
+    """/segment's optional similarity, iterations, blocks (issue 8): paper defaults, non-paper runs labelled."""
+    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/segment"]
+    params = {p["parameter_name"]: p for p in info["parameters"]}
+    names = [p["parameter_name"] for p in info["parameters"]]
+    assert names[-3:] == ["similarity", "iterations", "blocks"]
+    assert [params[n]["parameter_default"] for n in names[-3:]] == ["kl", 1, ""]
+    baseline, fsa_mask, summary = client.predict(handle_file(photo_path), "cup; mug, table, background", "clearclip",
+                                                 similarity="js", iterations=2, api_name="/segment")
+    for path in (baseline, fsa_mask):
+        assert Image.open(path).size[0] == W
+    assert "beyond the paper: similarity js, 2 iterations" in summary
+    *_, summary = client.predict(handle_file(photo_path), "cup, table", "clearclip", api_name="/segment")
+    assert "beyond the paper" not in summary
+    with pytest.raises(AppError, match="blocks: 'x' is not a block number"):
+        client.predict(handle_file(photo_path), "cup, table", "clearclip", blocks="x", api_name="/segment")
+    with pytest.raises(AppError, match=r"'cosine'.*not in the list of choices: \['kl', 'sym_kl', 'js'\]"):
+        client.predict(handle_file(photo_path), "cup, table", "clearclip", similarity="cosine", api_name="/segment")

@@ -212,3 +212,114 @@ def test_heatmap_of_a_window_past_the_border_is_cropped_not_squeezed():
     full = viz.apply_colormap(cv2.resize(grid, (8, 8), interpolation=cv2.INTER_LINEAR), vmin=0.0, vmax=3.0)
     assert np.abs(out.astype(int) - full[2:6].astype(int)).max() <= 1
     assert viz.patch_box((-2, 0, 6, 8), (2, 2), (0, 0), img.shape) == (0, 0, 2, 4)  # rows -2..2, clipped at 0
+
+
+# --------------------------------------------------------------------------- feedback step by step
+def _colour_pixels(chart, colour):
+    """(ys, xs) of the pixels of exactly ``colour``."""
+    return np.nonzero(np.all(chart == np.asarray(colour, np.uint8), axis=-1))
+
+
+def test_logit_bar_chart_draws_signed_bars_from_zero():
+    colors = np.array([[230, 25, 75], [0, 130, 200], [60, 180, 75]], np.uint8)
+    chart = viz.logit_bar_chart(["cat", "dog", "sky"], np.array([2.0, -1.0, 0.5]), colors, title="Z_i")
+    assert chart.dtype == np.uint8 and chart.ndim == 3 and chart.shape[1] >= 400
+    _, red_x = _colour_pixels(chart, colors[0])
+    _, blue_x = _colour_pixels(chart, colors[1])
+    _, green_x = _colour_pixels(chart, colors[2])
+    assert red_x.size and blue_x.size and green_x.size
+    # the positive bars start right of the zero line where the negative one ends
+    assert blue_x.max() < red_x.min() and abs(int(red_x.min()) - int(green_x.min())) <= 1
+    assert int(red_x.min()) - int(blue_x.max()) <= 4  # only the zero line and the bar edges in between
+    # bar lengths follow the values: 2 : 1 : 0.5
+    lengths = [np.ptp(x) + 1 for x in (red_x, blue_x, green_x)]
+    assert lengths[0] == pytest.approx(2 * lengths[1], rel=0.08) and lengths[2] == pytest.approx(lengths[1] / 2,
+                                                                                                 rel=0.15)
+    assert viz.logit_bar_chart(["a"], np.zeros(1)).ndim == 3  # all zero: no division by zero
+    with pytest.raises(ValueError, match="2 values for 1 names"):
+        viz.logit_bar_chart(["a"], np.zeros(2))
+
+
+def test_text_panel_wraps_its_text():
+    short = viz.text_panel("isolation off", 200, 120, font_size=14)
+    long = viz.text_panel("isolation off: " + "word " * 40, 200, 120, font_size=14)
+    assert short.shape == long.shape == (120, 200, 3) and short.dtype == np.uint8
+    assert tuple(short[0, 0]) == (245, 245, 245)
+    dark_rows = lambda im: np.nonzero((im < 100).all(axis=-1).any(axis=1))[0]  # noqa: E731
+    assert dark_rows(short).size and dark_rows(short).max() < 12 + 20  # one line
+    assert dark_rows(long).max() > 12 + 3 * 20  # wrapped onto several lines
+    assert (long[:, 190:] >= 240).all()  # nothing drawn past the right margin
+
+
+def _step_inputs(isolation=True):
+    rng = np.random.default_rng(0)
+    gh, gw = 4, 6
+    kept = np.zeros((gh, gw), bool)
+    kept[1, 1:4] = True
+    return dict(
+        query_names=["cat", "kitten", "sky"],
+        feedback_logits=np.array([3.0, 2.0, -1.0]),
+        isolation_logits=np.array([1.0, 1.5, 0.5]) if isolation else None,
+        class_names=["cat", "sky"],
+        class_probs=np.array([0.7, 0.3]),
+        similarity=rng.random((gh, gw)).astype(np.float32),
+        kept=kept,
+        attn_new=rng.random((gh, gw)).astype(np.float32),
+        attn_ensemble=rng.random((gh, gw)).astype(np.float32),
+        query_colors=np.array([[230, 25, 75], [230, 25, 75], [0, 130, 200]], np.uint8),
+        colors=np.array([[230, 25, 75], [0, 130, 200]], np.uint8),
+    )
+
+
+def test_feedback_step_panels_are_the_seven_steps():
+    img = np.random.default_rng(1).integers(0, 256, (100, 200, 3)).astype(np.uint8)
+    win, patch = (10, 20, 74, 116), (1, 2)
+    kw = _step_inputs()
+    panels = viz.feedback_step_panels(img, win, patch, **kw)
+    assert len(panels) == viz.FEEDBACK_STEPS == 7
+    z, u, pi, sim, pruned, new, ens = panels
+    # 1-2: one bar per query in its class colour, Z and U of different lengths
+    for chart in (z, u):
+        assert _colour_pixels(chart, kw["query_colors"][0])[0].size and _colour_pixels(chart, kw["query_colors"][2])[
+            0].size
+    assert not np.array_equal(z, u)
+    np.testing.assert_array_equal(pi, viz.class_bar_chart(kw["class_names"], kw["class_probs"], kw["colors"]))
+    # 4-7: the maps over the window, exactly heatmap_overlay's pictures
+    np.testing.assert_array_equal(sim, viz.heatmap_overlay(img, win, kw["similarity"], patch))
+    np.testing.assert_array_equal(pruned, viz.heatmap_overlay(img, win, kw["similarity"], patch, kept=kw["kept"]))
+    np.testing.assert_array_equal(new, viz.heatmap_overlay(img, win, kw["attn_new"], patch))
+    np.testing.assert_array_equal(ens, viz.heatmap_overlay(img, win, kw["attn_ensemble"], patch))
+    for panel in (sim, pruned, new, ens):
+        assert panel.shape == img.shape
+        y0, x0, y1, x1 = viz.patch_box(win, (4, 6), patch, img.shape)
+        assert tuple(panel[y0 - 1, (x0 + x1) // 2]) == viz.MARKER_COLOR
+    # the kept set: a pruned patch (row 3, col 5: pixels 58..74, 100..116) dimmed, a kept one (row 1, col 2) not
+    np.testing.assert_allclose(pruned[66, 108].astype(float), sim[66, 108] * viz.DIM_FACTOR, atol=1)
+    np.testing.assert_array_equal(pruned[34, 60], sim[34, 60])
+    # isolation off: step 2 is a card that says so, no U bars
+    off = viz.feedback_step_panels(img, win, patch, **_step_inputs(isolation=False))
+    assert off[1].shape == off[0].shape and tuple(off[1][0, 0]) == (245, 245, 245)
+    assert not _colour_pixels(off[1], kw["query_colors"][0])[0].size
+    np.testing.assert_array_equal(off[0], z)
+
+
+def test_feedback_steps_figure_tiles_panels_under_captions():
+    colours = viz.palette(7)
+    sizes = [(40, 60), (30, 60), (60, 40), (50, 100), (20, 20), (64, 96), (10, 80)]
+    panels = [np.broadcast_to(c, (h, w, 3)).copy() for c, (h, w) in zip(colours, sizes)]
+    captions = [f"{i + 1}. step" for i in range(7)]
+    fig = viz.feedback_steps_figure(panels, captions, cell_width=120, columns=4, gap=6)
+    assert fig.dtype == np.uint8 and fig.shape[1] == 4 * 120 + 5 * 6
+    for i, (colour, (h, w)) in enumerate(zip(colours, sizes)):
+        x = 6 + (i % 4) * (120 + 6)
+        column = np.all(fig[:, x:x + 120] == colour, axis=-1).all(axis=1)  # rows entirely this colour
+        rows = np.nonzero(column)[0]
+        assert rows.size == round(h * 120 / w), (i, rows.size)
+        assert np.all(np.diff(rows) == 1)  # one block
+        assert (rows[0] > 150) == (i >= 4)  # the second row of tiles is below the first
+        caption = fig[rows[0] - 16:rows[0], x:x + 120]
+        assert (caption < 100).all(axis=-1).any(), f"caption {i} not drawn above its panel"
+    longer = viz.feedback_steps_figure(panels, ["a long caption " * 6] + captions[1:], cell_width=120, columns=4)
+    assert longer.shape[0] > fig.shape[0]  # wrapped onto more lines
+    with pytest.raises(ValueError, match="one caption per panel"):
+        viz.feedback_steps_figure(panels, captions[:3])
