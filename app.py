@@ -148,10 +148,11 @@ class RuntimeLimits:
 #: Working pixels FSA_MAX_CLASSES is meant for: a 4:3 photo at the default short side (448 × 672).
 CLASS_BUDGET_PIXELS = 448 * 672
 #: Attention memory one batch of windows may take: heads × tokens² float32 matrices, ATTENTION_COPIES of
-#: them alive at once (the softmax's input and output, FSA's similarity, pruning mask, A_new and the
-#: ensemble's products). The batch shrinks to fit; a single window above it is refused.
-ATTENTION_BUDGET_BYTES = 768 * 2**20
-ATTENTION_COPIES = 6
+#: them alive at once. Measured on CPU with ViT-B/16: one 768×1024 window (3072 tokens) peaks at ~1.9
+#: such matrices (0.85 GB above the rest of the request); the default 448-px windows take ~0.2 GB for a
+#: batch of 4. The batch shrinks to fit; a single window above the budget is refused.
+ATTENTION_BUDGET_BYTES = 2**30
+ATTENTION_COPIES = 2
 #: Patch size and heads of ProxyCLIP's proxy models (timm vit_base_patch8 / vit_base_patch14: ViT-B, 12
 #: heads; the tiny test proxy: patch 8, 2 heads, fsa.proxies.tiny_test_proxy).
 PROXY_GEOMETRY = {"dino-b8": (8, 12), "dinov2-b14-reg": (14, 12), TINY_TEST: (8, 2)}

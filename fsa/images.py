@@ -193,8 +193,10 @@ def _reduce_pil(image: Image.Image, short_side: int, long_cap: int, orientation:
         if image.mode not in _RESIZABLE_MODES:
             has_alpha = image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
             image = image.convert("L" if image.mode == "1" else "RGBA" if has_alpha else "RGB")
-        # reducing_gap: integer box reduction first, then the filter on at most 2x the target size.
-        image = image.resize(stored, Image.Resampling.BILINEAR, reducing_gap=2.0)
+        # reducing_gap: integer box reduction first, then the filter on at most 2x the target size
+        # (PIL's box reduction has no 16-bit modes: those take the filter alone).
+        gap = None if image.mode.startswith("I;16") else 2.0
+        image = image.resize(stored, Image.Resampling.BILINEAR, reducing_gap=gap)
     if orientation != 1:
         image = image.transpose(_ORIENTATION_FIX[orientation])
     return BoundedImage(_from_pil(image, upright=True), (up_w, up_h))
