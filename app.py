@@ -1,11 +1,18 @@
 """Gradio demo of FSA (Feedback Self-adaptive Attention, ICCV 2025): `python app.py`.
 
 Thin by design: layout and callbacks only. The maths lives in `fsa` (`fsa.Segmenter`), the drawing
-in `fsa.visualize`. Per-user data (the last forward pass, used by the click-to-inspect view) lives
-in a per-session `gr.State`; the only shared object is a `DemoApp`, which holds the model caches.
+in `fsa.visualize`. Per-user data (what a click on the last forward pass needs) lives in a
+per-session `gr.State`; the only shared object is a `DemoApp`, which holds the model caches.
+
+Built to stay up as a public Space: uploads are decoded by `fsa.images.read_bounded` straight to the
+working size (never Gradio's decoder, whose failures are opaque), every request is checked against a
+memory budget before any model work, sessions drop their data when they end or after a TTL, clicks
+never wait behind forward passes, a job whose client left stops at its next progress report, and
+the temp folder is cleaned on a schedule.
 
 Environment: FSA_MODEL (backbone, default ViT-B-16; `tiny-test` = random weights for tests),
-GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (or PORT), FSA_CONCURRENCY (model jobs run at once, 1).
+GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (or PORT), and the `RuntimeLimits` variables FSA_CONCURRENCY,
+FSA_SESSION_TTL, FSA_MAX_PIXELS, FSA_MAX_CLASSES, FSA_TEMP_TTL (see the README's settings table).
 """
 from __future__ import annotations
 
@@ -16,15 +23,23 @@ try:
 except ImportError:
     spaces = None
 
+import asyncio
+import base64
+import binascii
+import contextlib
+import ctypes
 import functools
 import hashlib
+import io
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
+import cv2
 import gradio as gr
 import numpy as np
 from PIL import Image
@@ -34,6 +49,10 @@ from fsa import visualize as viz
 from fsa.checks import NumericalError, check_number
 from fsa.config import BACKBONES, METHOD_DEFAULTS, METHOD_LABELS, METHODS, TINY_TEST, default_lambda
 from fsa.scoring import read_reference_mask, score_against
+from fsa.diagnostics import DiagnosticsStore
+from fsa.images import DEFAULT_MAX_PIXELS, read_bounded, working_size
+from fsa.text import TextFeatureCache
+from fsa.vocabulary import parse_vocabulary
 
 log = logging.getLogger("fsa.app")
 
@@ -69,34 +88,238 @@ def _gpu(duration: int) -> Callable[[Callable], Callable]:
     return spaces.GPU(duration=duration)
 
 
-# --------------------------------------------------------------------------- per-session data
-@dataclass
-class RunRecord:
-    """What one session keeps in its `gr.State`: its last forward pass and clicked point."""
+# --------------------------------------------------------------------------- runtime limits
+def _env_number(environ: Mapping[str, str], name: str, default, kind: type):
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(float(raw)) if kind is int and float(raw).is_integer() else kind(raw)
+    except ValueError:
+        value = None
+    if value is None or not value > 0:
+        raise ValueError(f"{name}={raw!r} is not a positive {'whole ' if kind is int else ''}number; "
+                         f"unset it for the default ({default})")
+    return value
 
-    key: tuple  #: (image digest, vocabulary, backbone, settings) that produced the results
-    baseline: Any  #: fsa.SegmentationResult of the baseline
-    fsa: Any  #: fsa.SegmentationResult of baseline + FSA (holds the diagnostics), or None
+
+@dataclass(frozen=True)
+class RuntimeLimits:
+    """Bounds that keep a public deployment alive; `from_env` reads them from the environment.
+
+    The defaults are sized for a free Hugging Face CPU Space (2 vCPU, 16 GB RAM) running ViT-B/16:
+    one forward pass at a time, and no single request above ~1.5 GB of extra memory (measured with
+    `python -m fsa loadtest`, see the README).
+    """
+
+    #: FSA_CONCURRENCY: forward passes at once (each holds ~1 GB at its peak).
+    concurrency: int = 1
+    #: FSA_SESSION_TTL: seconds a session keeps its last pass after its last request; dropped at
+    #: once when the page is closed.
+    session_ttl: float = 900.0
+    #: FSA_MAX_PIXELS: pixels decoded from an upload at most (JPEGs count after the decoder's 1/8
+    #: reduction). 120 MP: a 10000×10000 photo passes; ≤ 5 bytes a pixel while decoding (a palette
+    #: image expanded to RGBA), so ≤ 600 MB.
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    #: FSA_MAX_CLASSES: text queries (class names and synonyms) at most, for an image of
+    #: `CLASS_BUDGET_PIXELS` working pixels; larger working images get proportionally fewer. The
+    #: score maps cost ~16 bytes per query and working pixel (two canvases of float32 sums, their
+    #: mean and the softmax band): 150 × 448 × 672 × 16 B ≈ 720 MB. 150: ADE20K's vocabulary fits.
+    max_classes: int = 150
+    #: FSA_TEMP_TTL: seconds Gradio's temp files (uploads, the PNGs sent back) are kept.
+    temp_ttl: float = 900.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "RuntimeLimits":
+        """The limits from FSA_CONCURRENCY, FSA_SESSION_TTL, FSA_MAX_PIXELS, FSA_MAX_CLASSES, FSA_TEMP_TTL;
+        `ValueError` naming the variable when one is not a positive number."""
+        d = cls()
+        return cls(
+            concurrency=_env_number(environ, "FSA_CONCURRENCY", d.concurrency, int),
+            session_ttl=_env_number(environ, "FSA_SESSION_TTL", d.session_ttl, float),
+            max_pixels=_env_number(environ, "FSA_MAX_PIXELS", d.max_pixels, int),
+            max_classes=_env_number(environ, "FSA_MAX_CLASSES", d.max_classes, int),
+            temp_ttl=_env_number(environ, "FSA_TEMP_TTL", d.temp_ttl, float),
+        )
+
+    @property
+    def temp_sweep_every(self) -> float:
+        """How often the temp folder is swept: files live at most temp_ttl + this."""
+        return max(1.0, min(300.0, self.temp_ttl / 3))
+
+
+#: Working pixels FSA_MAX_CLASSES is meant for: a 4:3 photo at the default short side (448 × 672).
+CLASS_BUDGET_PIXELS = 448 * 672
+#: Attention memory one batch of windows may take: heads × tokens² float32 matrices, ATTENTION_COPIES of
+#: them alive at once. Measured on CPU with ViT-B/16: one 768×1024 window (3072 tokens) peaks at ~1.9
+#: such matrices (0.85 GB above the rest of the request); the default 448-px windows take ~0.2 GB for a
+#: batch of 4. The batch shrinks to fit; a single window above the budget is refused.
+ATTENTION_BUDGET_BYTES = 2**30
+ATTENTION_COPIES = 2
+#: Patch size and heads of ProxyCLIP's proxy models (timm vit_base_patch8 / vit_base_patch14: ViT-B, 12
+#: heads; the tiny test proxy: patch 8, 2 heads, fsa.proxies.tiny_test_proxy).
+PROXY_GEOMETRY = {"dino-b8": (8, 12), "dinov2-b14-reg": (14, 12), TINY_TEST: (8, 2)}
+#: Class names encoded at once (× 80 prompts): the text tower's activations are the largest transient
+#: of a request (~0.5 GB for 8 names on ViT-B/16); 2 names keep it near 130 MB at the same speed.
+TEXT_NAMES_PER_BATCH = 2
+#: Text features kept (≈2-4 KB each); the cache is emptied when it grows past this.
+TEXT_CACHE_MAX_NAMES = 20_000
+#: Width of one cell of the compare-all grid (fsa.visualize.compare_grid's default).
+COMPARE_CELL_WIDTH = 256
+
+
+def class_budget_message(queries: int, working_hw: tuple[int, int], max_classes: int) -> Optional[str]:
+    """Why `queries` text queries on a working image of `working_hw` exceed the budget, or None."""
+    wh, ww = working_hw
+    allowed = min(max_classes, int(max_classes * CLASS_BUDGET_PIXELS // max(1, wh * ww)))
+    if queries <= allowed:
+        return None
+    if allowed < 1:
+        return (f"The image is resized to {ww}×{wh} pixels for the network, too large for this server's "
+                f"memory budget: lower the short side (Advanced settings).")
+    where = "" if allowed == max_classes else (f" for a {ww}×{wh} working image (lower the short side in "
+                                               f"Advanced settings to allow more)")
+    return (f"The vocabulary has {queries} names (class names and synonyms); this server takes at most "
+            f"{allowed}{where}. Remove some names (limit FSA_MAX_CLASSES={max_classes}).")
+
+
+def window_batch_for(tokens: int, heads: int, requested: int) -> int:
+    """Windows per forward pass so that their attention stays within ATTENTION_BUDGET_BYTES (0: none fits)."""
+    per_window = heads * (tokens + 1) ** 2 * 4 * ATTENTION_COPIES
+    return max(0, min(requested, ATTENTION_BUDGET_BYTES // per_window))
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS. glibc keeps them otherwise, and the process's RSS would stay
+    at its high-water mark after sessions end (their arrays are freed, the pages are not returned)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def compare_cell(result, colors: np.ndarray) -> np.ndarray:
+    """One cell of the compare-all grid: the mask over the image, COMPARE_CELL_WIDTH pixels wide."""
+    panel = viz.segmentation_panel(result.image, result.labels, result.class_names, colors=colors)
+    h, w = panel.shape[:2]
+    if w == COMPARE_CELL_WIDTH:
+        return panel
+    size = (COMPARE_CELL_WIDTH, max(1, round(h * COMPARE_CELL_WIDTH / w)))
+    return cv2.resize(panel, size, interpolation=cv2.INTER_AREA if w > COMPARE_CELL_WIDTH else cv2.INTER_LINEAR)
+
+
+def prune_empty_dirs(root: Path, older_than: float) -> int:
+    """Remove the empty sub-folders of `root` untouched for `older_than` seconds; → how many.
+
+    Gradio keeps every temp file in a folder of its own and leaves the folder behind when
+    `delete_cache` removes the file: without this, the temp folder would still grow by ~4 KB
+    per file.
+    """
+    removed, now = 0, time.time()
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False) and now - entry.stat(follow_symlinks=False).st_mtime > older_than:
+                os.rmdir(entry.path)  # fails (and is skipped) unless empty
+                removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def temp_sweeper(limits: RuntimeLimits):
+    """A server lifespan that sweeps empty folders out of Gradio's temp folder every `temp_sweep_every` s."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_server_app):
+        async def sweep() -> None:
+            while True:
+                await asyncio.sleep(limits.temp_sweep_every)
+                await asyncio.to_thread(prune_empty_dirs, Path(gr.utils.get_upload_folder()), limits.temp_ttl)
+
+        task = asyncio.create_task(sweep())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    return lifespan
+
+
+# --------------------------------------------------------------------------- per-session data
+@dataclass(frozen=True)
+class RunRecord:
+    """What one session keeps in its `gr.State`: what a click on its last forward pass needs.
+
+    Grid-level data and the picture only (no full-resolution label or score maps): a few MB.
+    """
+
+    key: tuple  #: (image digest, vocabulary, backbone, settings) that produced the pass
+    image: np.ndarray  #: (h, w, 3) uint8: the picture the masks and maps are drawn on
+    class_names: tuple[str, ...]
+    diagnostics: Optional[DiagnosticsStore]  #: per-window data of the FSA pass; None when FSA was off
     input_size: tuple[int, int]  #: (width, height) of the image the user gave
-    point: Optional[tuple[float, float]] = None  #: last query point, in pixels of `baseline.image`
+    method: str = "clearclip"
+    #: (h, w) uint8 labels of the baseline and of baseline + FSA (None with FSA off), for scoring
+    labels: Optional[np.ndarray] = None
+    fsa_labels: Optional[np.ndarray] = None
+    point: Optional[tuple[float, float]] = None  #: last query point, in pixels of `image`
+
+    def masks(self) -> tuple["MaskView", Optional["MaskView"]]:
+        """The baseline's and FSA's label maps as `fsa.scoring.score_against` takes them."""
+        def view(labels):
+            return None if labels is None else MaskView(self.class_names, labels, self.method)
+
+        return view(self.labels), view(self.fsa_labels)
+
+    def explain(self, x: float, y: float) -> "fsa.PatchExplanation":
+        """Attention rows of the patch under (x, y) (pixels of `image`).
+
+        A fresh store each time: the N×N matrices it builds for a window live for this click only,
+        not for the session's lifetime (~35 MB per window of ViT-B/16).
+        """
+        d = self.diagnostics
+        return DiagnosticsStore(d.windows, d.details, d.scale, d.vocabulary).explain(x, y)
+
+
+@dataclass(frozen=True)
+class MaskView:
+    """A label map of a session's pass, with what scoring needs to know about it."""
+
+    class_names: tuple[str, ...]
+    labels: np.ndarray  #: (h, w) class indices
+    method: str
+    notes: tuple[str, ...] = ()
+
+
+def _compact_labels(labels: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """int64 labels → uint8 (the vocabulary budget keeps classes far below 256): 8× less session memory."""
+    if labels is None:
+        return None
+    return labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16)
 
 
 def image_digest(image) -> str:
-    """Content hash of a PIL image or an array (to tell whether a cached pass is for this image)."""
+    """Content hash of an image: a file's bytes, a file object's bytes, a PIL image or an array."""
+    h = hashlib.sha1()
+    if isinstance(image, (str, Path)):
+        with open(image, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return "file:" + h.hexdigest()
+    if hasattr(image, "getvalue"):
+        h.update(image.getvalue())
+        return "file:" + h.hexdigest()
     if isinstance(image, Image.Image):
         meta, data = f"{image.mode}{image.size}", image.tobytes()
     else:
         arr = np.ascontiguousarray(image)
         meta, data = f"{arr.dtype}{arr.shape}", arr.tobytes()
-    return hashlib.sha1(meta.encode() + data).hexdigest()
-
-
-def image_size(image) -> tuple[int, int]:
-    """(width, height) of a PIL image or an array."""
-    if isinstance(image, Image.Image):
-        return image.size
-    arr = np.asarray(image)
-    return int(arr.shape[1]), int(arr.shape[0])
+    h.update(meta.encode() + data)
+    return h.hexdigest()
 
 
 def parse_head(value: Optional[str]) -> Optional[int]:
@@ -191,13 +414,61 @@ def _checked_preprocess(block) -> Callable:
     return preprocess
 
 
-def _progress_callback(progress, start: float = 0.0, span: float = 1.0):
-    """The library's `progress(fraction, message)` → a `gr.Progress` (None-safe)."""
-    if progress is None:
+CANCELLED_MESSAGE = "Stopped: the page or client that asked for this result has gone."
+
+
+class ClientWatch:
+    """Whether the client of the queued event running in this thread is still there.
+
+    Gradio 6.31 marks a running event `alive = False` when its client's event stream disconnects
+    (tab closed, client gone) and drops it from the queue's active jobs when the client cancels
+    it (`/cancel`); the handler's thread keeps running either way. The library reports progress
+    between window batches, so checking there stops an abandoned pass within one batch. Outside a
+    queued event (direct calls, tests, ZeroGPU's worker) it never reports the client gone.
+    """
+
+    def __init__(self) -> None:
+        self._queue = self._event = None
+        try:
+            from gradio.context import LocalContext
+
+            blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+            queue = getattr(blocks, "_queue", None)
+            if queue is None or not event_id:
+                return
+            for job in queue.active_jobs:
+                for event in job or ():
+                    if event._id == event_id:
+                        self._queue, self._event = queue, event
+        except (AttributeError, LookupError, ImportError):  # another Gradio: no cancellation, no harm
+            self._queue = self._event = None
+
+    def gone(self) -> bool:
+        event = self._event
+        if event is None:
+            return False
+        if not event.alive:
+            return True
+        return not any(job is not None and any(e is event for e in job) for job in self._queue.active_jobs)
+
+    def check(self) -> None:
+        """Raise (a quiet `gr.Error` no one will read) when the client has gone."""
+        if self.gone():
+            log.info("stopping a job whose client has gone")
+            raise gr.Error(CANCELLED_MESSAGE, print_exception=False)
+
+
+def _progress_callback(progress, start: float = 0.0, span: float = 1.0, watch: Optional[ClientWatch] = None):
+    """The library's `progress(fraction, message)` → a `gr.Progress` (None-safe); stops the job there
+    when `watch` says the client has gone."""
+    if progress is None and watch is None:
         return None
 
     def report(fraction: float, message: str) -> None:
-        progress(start + span * max(0.0, min(1.0, float(fraction))), desc=message)
+        if watch is not None:
+            watch.check()
+        if progress is not None:
+            progress(start + span * max(0.0, min(1.0, float(fraction))), desc=message)
 
     return report
 
@@ -347,6 +618,32 @@ def feedback_step_lines(exp, iteration: int, head: Optional[int] = None) -> list
     return lines
 
 
+def _decoded_image_input(component: gr.Image) -> gr.Image:
+    """Make `component` hand its handlers the uploaded file (a path, or the bytes of a base64 payload)
+    instead of a decoded image.
+
+    Gradio's own preprocessing opens the file with PIL first, and a text file named .png, an empty
+    or a damaged file then fails inside Gradio with an opaque "the upstream app raised an exception";
+    decoding it in the handler (`fsa.images.read_bounded`) names the problem, and decodes large
+    images straight to the working size. Set on the instance: a `gr.Image` subclass would make
+    Gradio write a .pyi stub next to this file.
+    """
+
+    def preprocess(payload):
+        if payload is None:
+            return None
+        url = getattr(payload, "url", None) or ""
+        if url.startswith("data:"):  # a base64 image in an API call
+            try:
+                return io.BytesIO(base64.b64decode(url.partition(",")[2], validate=True))
+            except (binascii.Error, ValueError):
+                raise gr.Error("The image data is not valid base64; send the image as a file.") from None
+        return payload.path
+
+    component.preprocess = preprocess
+    return component
+
+
 # --------------------------------------------------------------------------- the shared app object
 class DemoApp:
     """Model caches (shared by all sessions, thread-safe) and the callbacks of the page.
@@ -355,12 +652,19 @@ class DemoApp:
     """
 
     def __init__(self, backbone: Optional[str] = None, *, device=None, short_side: int = SHORT_SIDE_DEFAULT,
-                 preload: bool = True):
+                 preload: bool = True, limits: Optional[RuntimeLimits] = None):
+        self.limits = limits or RuntimeLimits.from_env()
         self.cache = fsa.ModelCache()
+        self.text_cache = TextFeatureCache(names_per_batch=TEXT_NAMES_PER_BATCH)
         self.device = device
         self.default_short_side = int(short_side)
         self._segmenters: dict[str, Any] = {}
         self._lock = threading.Lock()
+        # Forward passes at once, whoever asks: the queue's "model" group and /attention calls that find
+        # no cached pass (they run in the click group so that cached clicks never wait).
+        self._model_slots = threading.BoundedSemaphore(self.limits.concurrency)
+        self._trim_lock = threading.Lock()
+        self._last_trim = 0.0
         first = self.segmenter(backbone)
         self.default_backbone = first.backbone_name
         self.is_test_model = first.is_test_model
@@ -370,16 +674,17 @@ class DemoApp:
             self.preload()
         # GPU work (ZeroGPU): plain-data arguments in, CPU results out; the caches stay outside.
         self._infer = _gpu(90)(self._infer_impl)
-        self._infer_all = _gpu(180)(self._infer_all_impl)
+        self._infer_cells = _gpu(180)(self._infer_cells_impl)
 
     # -- models -------------------------------------------------------------------------------
     def segmenter(self, backbone: Optional[str] = None):
-        """One `fsa.Segmenter` per backbone, all sharing this app's `ModelCache`."""
+        """One `fsa.Segmenter` per backbone, all sharing this app's model and text caches."""
         name = backbone or getattr(self, "default_backbone", None)
         with self._lock:
             key = name or ""
             if key not in self._segmenters:
-                self._segmenters[key] = fsa.Segmenter(name, device=self.device, cache=self.cache)
+                self._segmenters[key] = fsa.Segmenter(name, device=self.device, cache=self.cache,
+                                                      text_cache=self.text_cache)
             return self._segmenters[key]
 
     def preload(self) -> None:
@@ -439,28 +744,40 @@ class DemoApp:
 
     # -- GPU work -----------------------------------------------------------------------------
     def _infer_impl(self, backbone: Optional[str], image, vocabulary: str, settings, progress=None):
+        """One forward pass → (baseline result, baseline + FSA result or None)."""
         segmenter = self.segmenter(backbone)
-        report = _progress_callback(progress)
+        report = _progress_callback(progress, watch=ClientWatch())
         if settings.feedback is None:
             return segmenter.segment(image, vocabulary, settings, progress=report), None
         out = segmenter.compare(image, vocabulary, settings, progress=report)
         return out.baseline, out.fsa
 
-    def _infer_all_impl(self, backbone: Optional[str], image, vocabulary: str, settings_list, progress=None):
+    def _infer_cells_impl(self, backbone: Optional[str], image, vocabulary: str, settings_list, progress=None):
+        """Every settings' pass drawn into its two compare-grid cells as soon as it exists, then dropped,
+        so that one pair of results is alive at a time.
+
+        → (class names or None, [(method, [baseline cell, FSA cell] or None, seconds, error or None)])
+        """
         segmenter = self.segmenter(backbone)
-        rows = []
+        watch = ClientWatch()
+        names, colors, rows = None, None, []
         for i, settings in enumerate(settings_list):
-            report = _progress_callback(progress, i / len(settings_list), 1.0 / len(settings_list))
-            if report is not None:
-                report(0.0, f"{METHOD_LABELS[settings.method]} ({i + 1} of {len(settings_list)})")
+            report = _progress_callback(progress, i / len(settings_list), 1.0 / len(settings_list), watch)
+            report(0.0, f"{METHOD_LABELS[settings.method]} ({i + 1} of {len(settings_list)})")
             try:
                 out = segmenter.compare(image, vocabulary, settings, progress=report)
-                rows.append((settings.method, out.baseline, out.fsa, None))
             except fsa.WeightsUnavailableError as exc:  # e.g. ProxyCLIP without DINO weights
-                rows.append((settings.method, None, None, str(exc)))
-        return rows
+                rows.append((settings.method, None, 0.0, str(exc)))
+                continue
+            if names is None:
+                names = tuple(out.fsa.class_names)
+                colors = viz.class_colors(names)
+            cells = [compare_cell(result, colors) for result in (out.baseline, out.fsa)]
+            rows.append((settings.method, cells, out.baseline.timings.get("total", 0.0), None))
+            del out
+        return names, rows
 
-    # -- helpers ------------------------------------------------------------------------------
+    # -- budgets and forward passes -----------------------------------------------------------
     @staticmethod
     def _check_inputs(image, vocabulary: Optional[str]) -> None:
         if image is None:
@@ -469,15 +786,91 @@ class DemoApp:
             raise gr.Error("Type at least one class name, e.g. “cat; kitten, sofa, background”.",
                            title="Empty vocabulary")
 
-    def _run(self, image, vocabulary, backbone, settings, progress) -> RunRecord:
+    def _prepare(self, image, vocabulary: str, backbone: Optional[str], settings_list: list):
+        """Decode the image to the working size and check the request against the memory budgets, before
+        any model work. → (fsa.images.BoundedImage, the settings with a window batch that fits)."""
         self._check_inputs(image, vocabulary)
-        backbone = backbone or self.default_backbone
-        key = (image_digest(image), vocabulary, backbone, settings)
-        baseline, fsa_result = self._infer(backbone, image, vocabulary, settings, progress)
-        return RunRecord(key=key, baseline=baseline, fsa=fsa_result, input_size=image_size(image))
+        queries = len(parse_vocabulary(vocabulary).queries)
+        short_side = settings_list[0].short_side
+        name = Path(image).name if isinstance(image, (str, Path)) else None
+        decoded = read_bounded(image, short_side, max_pixels=self.limits.max_pixels, name=name)
+        segmenter = self.segmenter(backbone)
+        clip = segmenter.load()
+        h, w = decoded.rgb.shape[:2]
+        working = working_size(h, w, short_side, min_side=clip.patch_size)
+        message = class_budget_message(queries, working, self.limits.max_classes)
+        if message is not None:
+            raise gr.Error(message, title="Over this server's budget")
+        try:
+            heads = int(clip.model.visual.transformer.resblocks[-1].attn.num_heads)
+        except AttributeError:
+            heads = 16
+        fitted = []
+        for settings in settings_list:
+            crop = settings.resolved_crop()
+            win_h, win_w = working if crop <= 0 else (min(crop, working[0]), min(crop, working[1]))
+            tokens, win_heads = (win_h // clip.patch_size) * (win_w // clip.patch_size), heads
+            if settings.method == "proxyclip":
+                patch, proxy_heads = PROXY_GEOMETRY.get(segmenter.proxy_name, (8, 12))
+                tokens, win_heads = max(tokens, (win_h // patch) * (win_w // patch)), max(heads, proxy_heads)
+            batch = window_batch_for(tokens, win_heads, settings.window_batch)
+            if batch < 1:
+                raise gr.Error(
+                    f"A {win_w}×{win_h}-pixel window ({tokens} patches) needs more attention memory than this "
+                    f"server allows. Lower the window crop (the method's default is "
+                    f"{METHOD_DEFAULTS[settings.method].crop}) or the short side in Advanced settings.",
+                    title="Over this server's budget")
+            fitted.append(settings if batch == settings.window_batch else replace(settings, window_batch=batch))
+        return decoded, fitted
 
-    def mask_images(self, record: RunRecord) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        names = record.baseline.class_names
+    @contextlib.contextmanager
+    def _model_slot(self, progress):
+        """One of the FSA_CONCURRENCY forward-pass slots; says so while waiting, gives up if the client goes."""
+        if not self._model_slots.acquire(blocking=False):
+            if progress is not None:
+                progress(0.0, desc="waiting for a free model slot")
+            watch = ClientWatch()
+            while not self._model_slots.acquire(timeout=0.5):
+                watch.check()
+        try:
+            yield
+        finally:
+            self._model_slots.release()
+            if len(self.text_cache) > TEXT_CACHE_MAX_NAMES:
+                self.text_cache.clear()
+
+    def release_memory(self, min_interval: float = 2.0) -> None:
+        """`release_freed_memory`, at most once per `min_interval` seconds, off the calling thread."""
+        with self._trim_lock:
+            now = time.monotonic()
+            if now - self._last_trim < min_interval:
+                return
+            self._last_trim = now
+        threading.Thread(target=release_freed_memory, name="malloc-trim", daemon=True).start()
+
+    def _run(self, image, vocabulary, backbone, settings, progress) -> tuple[RunRecord, tuple, str]:
+        """One forward pass for a session → (its RunRecord, the two mask images, the summary line)."""
+        backbone = backbone or self.default_backbone
+        decoded, (fitted,) = self._prepare(image, vocabulary, backbone, [settings])
+        key = (image_digest(image), vocabulary, backbone, settings)
+        with self._model_slot(progress):
+            baseline, fsa_result = self._infer(backbone, decoded.rgb, vocabulary, fitted, progress)
+        masks = self.mask_images(baseline, fsa_result)
+        summary = self.run_summary(fsa_result or baseline, settings)
+        record = RunRecord(key=key, image=baseline.image, class_names=tuple(baseline.class_names),
+                           diagnostics=None if fsa_result is None else fsa_result.diagnostics,
+                           input_size=decoded.source_size, method=baseline.method,
+                           labels=_compact_labels(baseline.labels),
+                           fsa_labels=None if fsa_result is None else _compact_labels(fsa_result.labels))
+        del baseline, fsa_result
+        self.release_memory()
+        return record, masks, summary
+
+    # -- drawing ------------------------------------------------------------------------------
+    @staticmethod
+    def mask_images(baseline, fsa_result) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """The baseline and FSA masks over the image, each with a legend of the classes present."""
+        names = baseline.class_names
         colors = viz.class_colors(names)
 
         def panel(result):
@@ -487,13 +880,12 @@ class DemoApp:
             font = max(14, round(body.shape[1] / 30))
             return viz.with_legend(body, names, colors, present=np.unique(result.labels), font_size=font)
 
-        return panel(record.baseline), panel(record.fsa)
+        return panel(baseline), panel(fsa_result)
 
     @staticmethod
-    def run_summary(record: RunRecord) -> str:
-        res = record.fsa or record.baseline
-        settings = record.key[3]
-        label = METHOD_LABELS[res.method] + (" + FSA" if record.fsa is not None else " (FSA off)")
+    def run_summary(res, settings) -> str:
+        """One line about a pass (`res`: the FSA result when FSA ran, else the baseline's)."""
+        label = METHOD_LABELS[res.method] + (" + FSA" if res.fsa_enabled else " (FSA off)")
         crop = settings.resolved_crop()
         if len(res.windows) == 1:
             layout = "one window over the whole image"
@@ -506,7 +898,7 @@ class DemoApp:
         notes = list(res.notes)
         if res.is_test_model:
             notes.append("random test weights: the masks are meaningless")
-        beyond = beyond_paper_switches(settings.feedback if record.fsa is not None else None)
+        beyond = beyond_paper_switches(settings.feedback if res.fsa_enabled else None)
         if beyond:
             line += (f"\n\n**Not the paper's method, beyond the paper: {', '.join(beyond)}** (the paper: similarity "
                      f"kl, 1 iteration, the last block).")
@@ -516,15 +908,15 @@ class DemoApp:
         """(A₀ row, A_new, A_ens, Ŝ with kept set, Π chart, description, head selector update)."""
         if record is None or record.point is None:
             raise gr.Error(NO_RUN_MESSAGE, title="Nothing to inspect yet")
-        if record.fsa is None:
+        if record.diagnostics is None:
             raise gr.Error("The attention maps come from the FSA pass: switch FSA on and press “Segment” again.",
                            title="FSA is off")
         x, y = record.point
-        exp = record.fsa.explain(x, y)
+        exp = record.explain(x, y)
         h = parse_head(head)
         if h is not None and h >= exp.num_heads:
             h = None
-        image, win, patch = record.fsa.image, exp.window, exp.patch
+        image, win, patch = record.image, exp.window, exp.patch
         original = viz.heatmap_overlay(image, win, exp.head_view(exp.attn_original, h), patch)
         new = viz.heatmap_overlay(image, win, exp.attn_new, patch)
         adapted = viz.heatmap_overlay(image, win, exp.head_view(exp.attn_ensemble, h), patch)
@@ -551,10 +943,9 @@ class DemoApp:
         settings = self.settings(method, fsa_on, isolation, pruning, ensemble, lam, p, short_side, crop, stride,
                                  logit_scale, bg_threshold,
                                  **self.feedback_switches(backbone, fsa_on, similarity, iterations, blocks))
-        record = self._run(image, vocabulary, backbone, settings, progress)
-        baseline_img, fsa_img = self.mask_images(record)
+        record, (baseline_img, fsa_img), summary = self._run(image, vocabulary, backbone, settings, progress)
         cleared = (None,) * 5 + ("Click a point on the image or on a mask to inspect its patch.",)
-        return (baseline_img, fsa_img, self.run_summary(record), record) + cleared
+        return (baseline_img, fsa_img, summary, record) + cleared
 
     def api_segment(self, record, image, vocabulary, method, fsa_on, isolation, pruning, ensemble, lam, p,
                     similarity=PAPER_SIMILARITY, iterations=PAPER_ITERATIONS, blocks="", progress=gr.Progress()):
@@ -562,15 +953,15 @@ class DemoApp:
         FSA mask, summary. The last three are beyond the paper; their defaults are the paper's."""
         settings = self.settings(method, fsa_on, isolation, pruning, ensemble, lam, p,
                                  **self.feedback_switches(None, fsa_on, similarity, iterations, blocks))
-        record = self._run(image, vocabulary, None, settings, progress)
-        baseline_img, fsa_img = self.mask_images(record)
-        return baseline_img, fsa_img, self.run_summary(record), record
+        record, (baseline_img, fsa_img), summary = self._run(image, vocabulary, None, settings, progress)
+        return baseline_img, fsa_img, summary, record
 
     def api_attention(self, record, image, vocabulary, method, x, y, head, progress=gr.Progress()):
         """/attention: (image, vocabulary, method, x, y[, head]) → the four maps, the Π chart, a description.
 
         x, y are pixels of the given image. Reuses this session's forward pass when it was made for
-        the same image, vocabulary and method with the default settings; runs one otherwise.
+        the same image, vocabulary and method with the default settings (no decoding, no model: it
+        answers beside running passes); runs one otherwise, in a model slot.
         """
         self._check_inputs(image, vocabulary)
         if x is None or y is None:
@@ -578,13 +969,12 @@ class DemoApp:
         settings = self.settings(method, True, True, True, True, default_lambda(self.default_backbone), 0.45)
         key = (image_digest(image), vocabulary, self.default_backbone, settings)
         if record is None or record.key != key:
-            record = self._run(image, vocabulary, None, settings, progress)
+            record = self._run(image, vocabulary, None, settings, progress)[0]
         record = self._with_point(record, float(x), float(y), from_input=True)
         return self.attention_outputs(record, head)[:6] + (record,)
 
     def _with_point(self, record: RunRecord, x: float, y: float, from_input: bool) -> RunRecord:
-        image = record.baseline.image
-        h, w = image.shape[:2]
+        h, w = record.image.shape[:2]
         if from_input:  # pixels of the user's image → pixels of the result's image
             in_w, in_h = record.input_size
             x, y = x * w / in_w, y * h / in_h
@@ -599,7 +989,7 @@ class DemoApp:
         if evt is None or evt.index is None or len(evt.index) < 2:
             raise gr.Error("Click on a point of the picture.")
         x, y = float(evt.index[0]), float(evt.index[1])
-        if not from_input and y >= record.baseline.image.shape[0]:
+        if not from_input and y >= record.image.shape[0]:
             raise gr.Error("That is the legend: click on the picture above it.", title="Not on the image")
         record = self._with_point(record, x, y, from_input)
         return self.attention_outputs(record, head) + (record,)
@@ -612,33 +1002,36 @@ class DemoApp:
 
     def change_head(self, record, head):
         """Head selector: redraw the maps of the last clicked patch (no network run)."""
-        if record is None or record.point is None or record.fsa is None:
+        if record is None or record.point is None or record.diagnostics is None:
             return (gr.skip(),) * 7
         return self.attention_outputs(record, head)
 
     def compare_all(self, image, vocabulary, backbone, fsa_on, isolation, pruning, ensemble, lam, p, short_side,
                     bg_threshold, progress=gr.Progress()):
-        """Every baseline with and without FSA (each with its own window and logit-scale defaults)."""
-        self._check_inputs(image, vocabulary)
+        """Every baseline with and without FSA (each with its own window and logit-scale defaults).
+
+        Each method's cells are drawn as soon as its pass exists and the pass is dropped: one method's
+        results in memory at a time, whatever the number of baselines.
+        """
         backbone = backbone or self.default_backbone
         settings_list = [self.settings(m, True, isolation, pruning, ensemble, lam, p, short_side, None, None, None,
                                        bg_threshold, keep_diagnostics=False) for m in METHODS]
-        rows = self._infer_all(backbone, image, vocabulary, settings_list, progress)
-        done = [r for r in rows if r[3] is None]
-        if not done:
+        decoded, fitted = self._prepare(image, vocabulary, backbone, settings_list)
+        with self._model_slot(progress):
+            names, rows = self._infer_cells(backbone, decoded.rgb, vocabulary, fitted, progress)
+        self.release_memory()
+        if names is None:
             raise gr.Error(rows[0][3], title="Weights missing")
-        names = done[0][1].class_names
         colors = viz.class_colors(names)
         cells, labels, notes = [], [], []
-        for method, base, fsa_res, error in rows:
+        for method, pair, seconds, error in rows:
             if error is not None:
                 notes.append(f"{METHOD_LABELS[method]} skipped: {error}")
                 continue
-            labels.append(f"{METHOD_LABELS[method]}  ({base.timings.get('total', 0.0):.2f} s)")
-            cells.append([viz.segmentation_panel(base.image, base.labels, names, colors=colors),
-                          viz.segmentation_panel(fsa_res.image, fsa_res.labels, names, colors=colors)])
-        grid = viz.compare_grid(cells, labels, ["baseline", "baseline + FSA"],
-                                footer=viz.legend(names, colors, width=2 * 256 + 3 * 4))
+            labels.append(f"{METHOD_LABELS[method]}  ({seconds:.2f} s)")
+            cells.append(pair)
+        grid = viz.compare_grid(cells, labels, ["baseline", "baseline + FSA"], cell_width=COMPARE_CELL_WIDTH,
+                                footer=viz.legend(names, colors, width=2 * COMPARE_CELL_WIDTH + 3 * 4))
         text = f"{len(cells)} baselines on {backbone}" + (" (random test weights)" if self.is_test_model else "")
         if not fsa_on:
             text += "; the FSA switch is off, but this view always shows both columns"
@@ -652,16 +1045,32 @@ class DemoApp:
         if not reference_file:
             raise gr.Error("Upload a reference mask first: a PNG of class indices (vocabulary order, 255 = "
                            "ignore) or of the app's class colours.", title="No reference mask")
-        names = record.baseline.class_names
+        names = record.class_names
         reference = read_reference_mask(str(reference_file), names, viz.class_colors(names))
-        report = score_against(record.baseline, record.fsa, reference)
-        label = METHOD_LABELS.get(record.baseline.method, record.baseline.method)
-        results = [(label, record.baseline, report.baseline)]
-        if record.fsa is not None:
-            results.append((f"{label} + FSA", record.fsa, report.fsa))
-        maps = viz.error_maps(record.baseline.image, [r.labels for _, r, _ in results], reference,
+        reference, note = self._reference_at_image_size(record, reference)
+        baseline, fsa_masks = record.masks()
+        report = score_against(baseline, fsa_masks, reference)
+        label = METHOD_LABELS.get(record.method, record.method)
+        results = [(label, baseline, report.baseline)]
+        if fsa_masks is not None:
+            results.append((f"{label} + FSA", fsa_masks, report.fsa))
+        maps = viz.error_maps(record.image, [r.labels for _, r, _ in results], reference,
                               [f"{name}: {100 - s.aacc:.1f}% wrong" for name, _, s in results])
-        return report.markdown(label), maps
+        return report.markdown(label) + (f"\n\n{note}" if note else ""), maps
+
+    @staticmethod
+    def _reference_at_image_size(record: RunRecord, reference: np.ndarray) -> tuple[np.ndarray, str]:
+        """A reference of the uploaded image's size, brought to the size the app segmented at (large uploads
+        are decoded reduced): nearest neighbour, and a note saying so. Any other size is left to
+        `score_against`, which refuses it naming both sizes."""
+        h, w = record.image.shape[:2]
+        rh, rw = reference.shape
+        if (rh, rw) == (h, w) or (rw, rh) != tuple(record.input_size):
+            return reference, ""
+        small = cv2.resize(reference.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+        return small.astype(np.int64), (f"Note: the image was segmented at {w}×{h} pixels (large uploads are "
+                                        f"reduced), so the {rw}×{rh} reference was reduced to that size with "
+                                        f"nearest-neighbour sampling before scoring.")
 
     def api_score(self, record, image, vocabulary, method, reference, progress=gr.Progress()):
         """/score: (image, vocabulary, method, reference mask file) → IoU table (markdown), error maps.
@@ -675,8 +1084,14 @@ class DemoApp:
         settings = self.settings(method, True, True, True, True, default_lambda(self.default_backbone), 0.45)
         key = (image_digest(image), vocabulary, self.default_backbone, settings)
         if record is None or record.key != key:
-            record = self._run(image, vocabulary, None, settings, progress)
+            record = self._run(image, vocabulary, None, settings, progress)[0]
         return self.score(record, reference) + (record,)
+
+    # -- sessions -----------------------------------------------------------------------------
+    def forget(self, record: Optional[RunRecord]) -> None:
+        """`gr.State` delete callback (session ended or its TTL passed): give the memory back."""
+        if record is not None:
+            self.release_memory()
 
     @staticmethod
     def method_defaults(method: str):
@@ -704,22 +1119,22 @@ class DemoApp:
     def feedback_steps(self, record, iteration, head):
         """"Feedback step by step": the 7 pictures (with their lines as captions) of one feedback pass for the
         clicked patch, the lines as text, and the pass selector. No network run."""
-        if record is None or record.point is None or record.fsa is None:
+        if record is None or record.point is None or record.diagnostics is None:
             message = NO_STEPS_MESSAGE
-            if record is not None and record.fsa is None:
+            if record is not None and record.diagnostics is None:
                 message = "FSA is off: switch it on and press “Segment” to see its feedback step by step."
             return [], message, gr.update(choices=pass_choices(1), value=pass_choices(1)[0])
-        exp = record.fsa.explain(*record.point)
+        exp = record.explain(*record.point)
         count = len(exp.iterations)
         t = parse_pass(iteration, count)
         it = exp.iterations[t - 1]
         h = parse_head(head)
         if h is not None and h >= exp.num_heads:
             h = None
-        colors = viz.class_colors(record.fsa.class_names)[:len(exp.class_names)]
+        colors = viz.class_colors(record.class_names)[:len(exp.class_names)]
         query_colors = colors[exp.query_classes] if exp.query_classes else None
         panels = viz.feedback_step_panels(
-            record.fsa.image, exp.window, exp.patch, query_names=exp.query_names,
+            record.image, exp.window, exp.patch, query_names=exp.query_names,
             feedback_logits=(it.feedback_logits if it.feedback_logits is not None
                              else np.zeros(len(exp.query_names))),
             isolation_logits=it.isolation_logits, class_names=exp.class_names, class_probs=it.class_probs,
@@ -739,21 +1154,29 @@ class DemoApp:
         return list(zip(panels, lines)), text, gr.update(choices=choices, value=choices[t - 1])
 
 
+
 # --------------------------------------------------------------------------- layout
 def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
-    """The page, wired to `app` (created from the environment when None). Queue included."""
+    """The page, wired to `app` (created from the environment when None). Queue included; launch it with
+    `launch_options(app.limits)` for the temp-folder sweeper."""
     app = app or DemoApp()
+    limits = app.limits
     d0 = METHOD_DEFAULTS["clearclip"]
     wrap = friendly_errors
-    with gr.Blocks(title="FSA segmentation demo", analytics_enabled=False) as demo:
-        record = gr.State(None, time_to_live=3 * 3600)
+    # delete_cache: Gradio deletes its temp files (uploads, PNGs sent back) older than temp_ttl, every
+    # temp_sweep_every seconds, and all of them when the server stops.
+    with gr.Blocks(title="FSA segmentation demo", analytics_enabled=False,
+                   delete_cache=(int(limits.temp_sweep_every), max(1, int(limits.temp_ttl)))) as demo:
+        # The session's last pass: dropped after session_ttl without a request, or when the page closes
+        # (`end_session` below; Gradio alone would keep a closed session's state for an hour).
+        record = gr.State(None, time_to_live=limits.session_ttl, delete_callback=app.forget)
         gr.Markdown(f"# {TITLE}\n{INTRO}", elem_id="header")
         gr.Markdown(app.status_markdown(), elem_id="model-status")
         with gr.Row():
             with gr.Column(scale=2, min_width=320):
-                image = gr.Image(label="Image",
-                                 type="pil", image_mode=None, sources=["upload", "clipboard", "webcam"],
-                                 elem_id="image-input")
+                image = _decoded_image_input(gr.Image(label="Image", type="filepath", image_mode=None,
+                                                      sources=["upload", "clipboard", "webcam"],
+                                                      elem_id="image-input"))
                 classes = gr.Textbox(label="Vocabulary", lines=2, elem_id="classes",
                                      placeholder="cat; kitten, sofa, background",
                                      info="Classes separated by commas, synonyms by “;”; add “background” "
@@ -862,7 +1285,10 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
             api_attention = gr.Button("api-attention")
 
         attention = [attn_original, attn_new, attn_adapted, attn_similarity, class_probs, attn_info]
-        model_job = dict(concurrency_id="model", concurrency_limit=int(os.environ.get("FSA_CONCURRENCY", "1")))
+        # Forward passes queue in one group of FSA_CONCURRENCY; show_progress="full" puts the queue position
+        # and the progress bar on the outputs. Clicks on a cached pass cost milliseconds: they have groups
+        # of their own and never wait behind forward passes.
+        model_job = dict(concurrency_id="model", concurrency_limit=limits.concurrency, show_progress="full")
         run_inputs = [record, image, classes, method, backbone, fsa_on, isolation, pruning, ensemble, lam, p,
                       short_side, crop, stride, logit_scale, bg_threshold]
         beyond = [beyond_similarity, beyond_iterations, beyond_blocks]
@@ -873,7 +1299,8 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
                                               short_side, bg_threshold], [compare_grid, compare_info],
                       api_name="compare_all", show_progress_on=[compare_grid], **model_job)
         click_outputs = attention + [head, record]
-        click_job = dict(api_visibility="private", concurrency_limit=4, show_progress_on=[attn_original, attn_adapted])
+        click_job = dict(api_visibility="private", concurrency_id="click", concurrency_limit=4,
+                         show_progress_on=[attn_original, attn_adapted])
         image.select(wrap(app.click_input), [record, head], click_outputs, **click_job)
         for mask in (mask_baseline, mask_fsa):
             mask.select(wrap(app.click_mask), [record, head], click_outputs, **click_job)
@@ -884,21 +1311,43 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
         api_segment.click(wrap(app.api_segment),
                           [record, image, classes, method, fsa_on, isolation, pruning, ensemble, lam, p] + beyond,
                           [mask_baseline, mask_fsa, run_info, record], api_name="segment", **model_job)
+        # /attention answers from the session's cached pass without the model; when it has to run a pass it
+        # takes a model slot itself (DemoApp._model_slot), so it stays out of the "model" queue.
         api_attention.click(wrap(app.api_attention), [record, image, classes, method, query_x, query_y, head],
-                            attention + [record], api_name="attention", **model_job)
+                            attention + [record], api_name="attention", concurrency_id="attention",
+                            concurrency_limit=8, show_progress="full")
+
         score_button.click(wrap(app.score), [record, score_reference], [score_table, score_errors],
                            api_name="score_button", api_visibility="private", concurrency_limit=4)
+        # /score, like /attention, answers from the cached pass without the model and takes a model slot
+        # itself when it must run one.
         api_score.click(wrap(app.api_score), [record, image, classes, method, score_reference],
-                        [score_table, score_errors, record], api_name="score", **model_job)
+                        [score_table, score_errors, record], api_name="score", concurrency_id="score",
+                        concurrency_limit=4, show_progress="full")
         # Feedback step by step: redrawn whenever the clicked-patch description changes (a click, the head
         # selector, or a new run that clears it) and when another pass is picked.
         steps_outputs = [steps_gallery, steps_text, steps_pass]
         steps_job = dict(api_visibility="private", concurrency_limit=4)
         attn_info.change(wrap(app.feedback_steps), [record, steps_pass, head], steps_outputs, **steps_job)
         steps_pass.input(wrap(app.feedback_steps), [record, steps_pass, head], steps_outputs, **steps_job)
+
+
+        async def end_session(request: gr.Request) -> None:
+            """The page closed: drop the session's state now. Async, so that it runs on the event loop
+            between the state holder's own sweeps."""
+            holder = getattr(getattr(demo, "server_app", None), "state_holder", None)
+            if holder is not None and request.session_hash:
+                holder.delete_state(request.session_hash)
+
+        demo.unload(end_session)
     check_number_inputs(demo)
     demo.queue(max_size=64, default_concurrency_limit=2)
     return demo
+
+
+def launch_options(limits: RuntimeLimits) -> dict:
+    """`demo.launch` arguments besides the address: the temp-folder sweeper."""
+    return {"app_kwargs": {"lifespan": temp_sweeper(limits)}}
 
 
 def server_options() -> dict:
@@ -910,8 +1359,9 @@ def server_options() -> dict:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    demo = build_demo(DemoApp())
-    demo.launch(**server_options())
+    app = DemoApp()
+    demo = build_demo(app)
+    demo.launch(**server_options(), **launch_options(app.limits))
 
 
 if __name__ == "__main__":

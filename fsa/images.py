@@ -7,12 +7,18 @@ Conversion rules (documented, predictable):
   [0, 1], clipped, and must be finite.
 - Grey is replicated to RGB; alpha is composited over white; CMYK, palette, YCbCr... through PIL.
 - PIL images are turned upright with their EXIF orientation.
+
+`read_bounded` decodes a file (or file object, PIL image, array) straight to the working size of a
+segmentation, so that a huge upload never becomes a full-size array when it can be avoided: JPEGs are
+decoded at 1/2, 1/4 or 1/8 scale by the decoder itself (PIL `draft`), other formats are reduced right
+after decoding, and a source above ``max_pixels`` decoded pixels is refused before decoding.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Optional, Union
 
 import cv2
 import numpy as np
@@ -71,8 +77,9 @@ def _from_array(array: np.ndarray, what: str = "image array") -> np.ndarray:
     return np.repeat(rgb, 3, axis=-1) if rgb.shape[-1] == 1 else rgb
 
 
-def _from_pil(image: Image.Image) -> np.ndarray:
-    image = ImageOps.exif_transpose(image)  # photos as viewers show them
+def _from_pil(image: Image.Image, *, upright: bool = False) -> np.ndarray:
+    if not upright:
+        image = ImageOps.exif_transpose(image)  # photos as viewers show them
     mode = image.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # PIL's convert("RGB") would clip these at 255: scale over 16 bits instead.
@@ -158,3 +165,150 @@ def pixel_stats_255(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[tu
     if np.allclose(mean, _OPENAI_MEAN, atol=1e-7) and np.allclose(std, _OPENAI_STD, atol=1e-7):
         return CLIP_PIXEL_MEAN_255, CLIP_PIXEL_STD_255
     return tuple(255.0 * m for m in mean), tuple(255.0 * s for s in std)
+
+
+#: EXIF orientation → the PIL transpose that turns the stored pixels upright (as ImageOps.exif_transpose).
+_ORIENTATION_FIX = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_EXIF_ORIENTATION = 0x0112
+#: Modes PIL resizes with a real filter; "P" and "1" would fall back to nearest neighbour.
+_RESIZABLE_MODES = {"L", "LA", "RGB", "RGBA", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
+#: Decoded pixels accepted by default: 10000×10000 photos pass; at most 5 bytes a pixel (a palette image
+#: expanded to RGBA) that is ≤ 600 MB while decoding. Deployments set their own (the app: FSA_MAX_PIXELS).
+DEFAULT_MAX_PIXELS = 120_000_000
+
+
+@dataclass(frozen=True)
+class BoundedImage:
+    """An image decoded no larger than the working size it is meant for."""
+
+    rgb: np.ndarray  #: (h, w, 3) uint8, upright
+    source_size: tuple[int, int]  #: (width, height) of the upright source, before any reduction
+
+
+def _target_size(height: int, width: int, short_side: int, long_cap: int) -> tuple[int, int]:
+    """(h, w) of the working size for an upright source, never larger than the source."""
+    th, tw = working_size(height, width, short_side, long_cap=long_cap)
+    return (th, tw) if th < height or tw < width else (height, width)
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        value = int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a damaged EXIF block must not stop the picture itself
+        return 1
+    return value if value in _ORIENTATION_FIX else 1
+
+
+def _reduce_pil(image: Image.Image, short_side: int, long_cap: int, orientation: Optional[int] = None,
+                source_size: Optional[tuple[int, int]] = None) -> BoundedImage:
+    """A loaded (or lazily opened) PIL image → upright RGB no larger than the working size.
+
+    source_size: (width, height) of the stored pixels before a JPEG draft reduced them (the
+    working size is computed from it); orientation: the EXIF orientation, read here when None.
+    """
+    if orientation is None:
+        orientation = _orientation(image)
+    swap = orientation in (5, 6, 7, 8)  # stored sideways
+    width, height = source_size or image.size
+    up_w, up_h = (height, width) if swap else (width, height)
+    th, tw = _target_size(up_h, up_w, short_side, long_cap)
+    stored = (th, tw) if swap else (tw, th)  # PIL sizes are (width, height) of the stored pixels
+    if stored != image.size:
+        if image.mode not in _RESIZABLE_MODES:
+            has_alpha = image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
+            image = image.convert("L" if image.mode == "1" else "RGBA" if has_alpha else "RGB")
+        # reducing_gap: integer box reduction first, then the filter on at most 2x the target size
+        # (PIL's box reduction has no 16-bit modes: those take the filter alone).
+        gap = None if image.mode.startswith("I;16") else 2.0
+        image = image.resize(stored, Image.Resampling.BILINEAR, reducing_gap=gap)
+    if orientation != 1:
+        image = image.transpose(_ORIENTATION_FIX[orientation])
+    return BoundedImage(_from_pil(image, upright=True), (up_w, up_h))
+
+
+def _decode_error(name: str, exc: BaseException, path: Optional[Path]) -> ValueError:
+    detail = " ".join(str(exc).split()) or type(exc).__name__
+    if path is not None:  # say the file's name, not where the server keeps it
+        detail = detail.replace(str(path), path.name)
+    return ValueError(f"cannot read {name} as an image ({detail}); use a PNG, JPEG, WebP, BMP or TIFF file")
+
+
+def read_bounded(image: Union[ImageLike, BinaryIO], short_side: int, *, long_cap: int = 2048,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, name: Optional[str] = None) -> BoundedImage:
+    """Decode ``image`` to at most the working size `working_size(h, w, short_side, long_cap)`.
+
+    A file path or binary file object is decoded straight to that size (JPEG by its decoder at a
+    reduced scale, other formats reduced as soon as they are decoded) and refused with a
+    ``ValueError`` when more than ``max_pixels`` pixels would have to be decoded. PIL images and
+    arrays are already in memory: they are converted (`to_rgb_uint8` rules) and reduced. Images
+    smaller than the working size are kept as they are. ``name`` is how messages call the image.
+    """
+    if image is None:
+        raise ValueError("no image given; upload or pass an image")
+    if short_side < 1 or long_cap < 1 or max_pixels < 1:
+        raise ValueError("short_side, long_cap and max_pixels must be positive")
+    if isinstance(image, np.ndarray):
+        rgb = _from_array(image)
+        h, w = rgb.shape[:2]
+        th, tw = _target_size(h, w, short_side, long_cap)
+        if (th, tw) != (h, w):
+            rgb = cv2.resize(rgb, (tw, th), interpolation=cv2.INTER_AREA)
+        return BoundedImage(rgb, (w, h))
+    if isinstance(image, Image.Image):
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"image is empty ({image.width}x{image.height})")
+        return _reduce_pil(image, short_side, long_cap, None)
+    path: Optional[Path] = None
+    if isinstance(image, (str, Path)):
+        path = Path(image).expanduser()
+        name = name or str(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file not found: {name} (check the path)")
+        if path.stat().st_size == 0:
+            raise ValueError(f"{name} is an empty file (0 bytes); upload an image file")
+        source = path
+    elif hasattr(image, "read"):
+        name = name or "the image data"
+        source = image
+    else:
+        raise ValueError(f"unsupported image type {type(image).__name__}; pass a numpy array, a PIL image or a "
+                         "file path")
+    try:
+        opened = Image.open(source)
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"{name} is too large to decode ({exc}); downscale it first") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to identify the file is the same user problem
+        raise _decode_error(name, exc, path) from None
+    with opened:
+        try:
+            width, height = opened.size
+            if width < 1 or height < 1:
+                raise ValueError(f"image is empty ({width}x{height})")
+            orientation = _orientation(opened) if opened.format in ("JPEG", "MPO") else None
+            swap = orientation in (5, 6, 7, 8)
+            th, tw = _target_size(*((width, height) if swap else (height, width)), short_side, long_cap)
+            opened.draft(None, (th, tw) if swap else (tw, th))  # JPEG: decode at 1/2, 1/4 or 1/8 scale
+            decoded = opened.size[0] * opened.size[1]
+            if decoded > max_pixels:
+                up_w, up_h = (height, width) if swap else (width, height)
+                raise _TooLarge(f"{name} is {up_w}×{up_h} pixels ({width * height / 1e6:.3g} megapixels); this "
+                                f"server decodes at most {max_pixels / 1e6:.3g} megapixels: downscale the image "
+                                "first")
+            opened.load()
+            return _reduce_pil(opened, short_side, long_cap, orientation, (width, height))
+        except _TooLarge as exc:
+            raise ValueError(str(exc)) from None
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - truncated or damaged data: say so, never a traceback
+            raise _decode_error(name, exc, path) from None
+
+
+class _TooLarge(Exception):
+    """Internal: the pixel budget refusal, kept apart from decoding failures."""

@@ -18,7 +18,8 @@ def launched_app(short_side: int = 64):
     """(DemoApp, url) of the demo launched in this process; closed on exit."""
     app = demo_app.DemoApp(short_side=short_side)
     demo = demo_app.build_demo(app)
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                **demo_app.launch_options(app.limits))
     try:
         yield app, demo.local_url
     finally:

@@ -75,7 +75,7 @@ def test_switch_values_reach_feedback_config(app, photo, depth):
     assert type(cfg.iterations) is int and fsa_mask.shape[1] == W
     assert (f"Not the paper's method, beyond the paper: similarity js, 2 iterations, blocks {depth - 1}, {depth}"
             in summary)
-    ex = record.fsa.explain(10, 10)
+    ex = record.explain(10, 10)
     assert len(ex.iterations) == 2 and [b.block for b in ex.iterations[0].blocks] == [depth - 1, depth]
     # block numbers, in any order, with commas or spaces; the last block alone is the paper's setting
     assert app.feedback_switches(None, True, "sym_kl", 3, f"{depth}, 1")["blocks"] == (1, depth)
@@ -139,7 +139,7 @@ def test_step_view_before_a_click(app, photo):
 def test_step_view_of_a_click_plays_every_pass(app, photo, compare_calls):
     record = clicked(app, run(app, photo, "kl", 2, "")[3])
     assert len(compare_calls) == 1
-    ex = record.fsa.explain(*record.point)
+    ex = record.explain(*record.point)
     for t in (1, 2):
         gallery, text, pass_update = app.feedback_steps(record, f"pass {t}", demo_app.MEAN_HEADS)
         assert pass_update["choices"] == ["pass 1", "pass 2"] and pass_update["value"] == f"pass {t}"
@@ -149,13 +149,13 @@ def test_step_view_of_a_click_plays_every_pass(app, photo, compare_calls):
         assert f"Pass {t} of 2" in text
         it = ex.iterations[t - 1]
         # the panels are the explanation's data of this pass, drawn over the clicked patch's window
-        image, win, patch = record.fsa.image, ex.window, ex.patch
+        image, win, patch = record.image, ex.window, ex.patch
         panels = [p for p, _ in gallery]
         np.testing.assert_array_equal(panels[3], viz.heatmap_overlay(image, win, it.similarity, patch))
         np.testing.assert_array_equal(panels[4], viz.heatmap_overlay(image, win, it.similarity, patch, kept=it.kept))
         np.testing.assert_array_equal(panels[5], viz.heatmap_overlay(image, win, it.attn_new, patch))
         np.testing.assert_array_equal(panels[6], viz.heatmap_overlay(image, win, it.attn_ensemble.mean(0), patch))
-        colors = viz.class_colors(record.fsa.class_names)
+        colors = viz.class_colors(record.class_names)
         np.testing.assert_array_equal(panels[2], viz.class_bar_chart(ex.class_names, it.class_probs, colors))
         # the lines say what each step is, with this patch's numbers
         assert lines[0].startswith("1. Z = 20·cos: what " + ("the baseline" if t == 1 else "FSA's pass 1"))
@@ -171,7 +171,7 @@ def test_step_view_of_a_click_plays_every_pass(app, photo, compare_calls):
     # one head instead of the mean, and a pass beyond the run's count falls back to its last
     gallery, text, pass_update = app.feedback_steps(record, "pass 4", "head 2")
     np.testing.assert_array_equal(gallery[6][0], viz.heatmap_overlay(
-        record.fsa.image, ex.window, ex.iterations[1].attn_ensemble[1], ex.patch))
+        record.image, ex.window, ex.iterations[1].attn_ensemble[1], ex.patch))
     assert pass_update["value"] == "pass 2" and "head 2" in _lines(text)[6]
     assert len(compare_calls) == 1  # the step view runs no network pass
 

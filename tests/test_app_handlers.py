@@ -100,26 +100,31 @@ def test_server_options_from_env(monkeypatch):
 
 
 # --------------------------------------------------------------------------- Segment
-def test_run_returns_both_masks_and_summary(first_run):
+def test_run_returns_both_masks_and_summary(app, photo, first_run):
     baseline, fsa_mask, summary, record, *cleared = first_run
     for mask in (baseline, fsa_mask):
         assert mask.dtype == np.uint8 and mask.shape[1] == W and mask.shape[0] > H  # legend below the picture
-    assert record.fsa is not None and record.baseline.image.shape[:2] == (H, W)
+    assert record.diagnostics is not None and record.image.shape[:2] == (H, W)
     assert record.input_size == (W, H)
-    gh, gw = record.fsa.grid
+    # the same pass through the library directly: same grid, same masks
+    d = METHOD_DEFAULTS["clearclip"]
+    settings = app.settings("clearclip", *_fsa_args(), 64, d.crop, d.stride, d.logit_scale, 0.0)
+    direct = app.segmenter().compare(photo, VOCAB, settings)
+    gh, gw = direct.fsa.grid
     assert f"{gh}×{gw}" in summary and "ClearCLIP + FSA" in summary and "timings" in summary
     assert "random test weights" in summary
     assert cleared[:5] == [None] * 5 and "Click" in cleared[5]
-    # the picture part of the mask is the class colours over the image
-    colors = demo_app.viz.class_colors(record.fsa.class_names)
-    expected = demo_app.viz.segmentation_panel(record.fsa.image, record.fsa.labels, record.fsa.class_names,
-                                               colors=colors)
-    np.testing.assert_array_equal(fsa_mask[:H], expected)
+    assert record.class_names == tuple(direct.fsa.class_names)
+    # the picture part of each mask is the class colours over the image
+    colors = demo_app.viz.class_colors(direct.fsa.class_names)
+    for mask, result in ((baseline, direct.baseline), (fsa_mask, direct.fsa)):
+        expected = demo_app.viz.segmentation_panel(result.image, result.labels, result.class_names, colors=colors)
+        np.testing.assert_array_equal(mask[:H], expected)
 
 
 def test_run_with_fsa_off(app, photo):
     baseline, fsa_mask, summary, record, *_ = run(app, photo, method="maskclip", fsa_on=False)
-    assert baseline.shape[1] == W and fsa_mask is None and record.fsa is None
+    assert baseline.shape[1] == W and fsa_mask is None and record.diagnostics is None
     assert "FSA off" in summary
     with pytest.raises(gr.Error, match="switch FSA on"):
         app.click_mask(record, demo_app.MEAN_HEADS, select(10, 10))
@@ -140,10 +145,10 @@ def test_run_accepts_common_image_kinds(app, photo, kind):
     else:
         image = rgb.astype(np.uint16) * 257
     baseline, fsa_mask, summary, record, *_ = run(app, image, vocabulary="cup, table")
-    assert record.baseline.image.shape == (H, W, 3)
+    assert record.image.shape == (H, W, 3)
     assert fsa_mask.shape[1] == W
     # a 16-bit image must not come out all white (values above 255 clipped)
-    assert record.baseline.image.std() > 5
+    assert record.image.std() > 5
 
 
 @pytest.mark.parametrize(
@@ -193,9 +198,9 @@ def test_click_reuses_the_sessions_forward_pass(app, photo, compare_calls):
         assert img.shape == (H, W, 3) and img.dtype == np.uint8
     assert chart.ndim == 3 and chart.shape[2] == 3
     assert "Query patch" in text and "mean over heads" in text
-    assert record2.point == pytest.approx((W * 0.7, H * 0.4)) and record2.fsa is record.fsa
+    assert record2.point == pytest.approx((W * 0.7, H * 0.4)) and record2.diagnostics is record.diagnostics
     # the marker is drawn where the query patch is
-    exp = record.fsa.explain(W * 0.7, H * 0.4)
+    exp = record.explain(W * 0.7, H * 0.4)
     y0, x0, y1, x1 = demo_app.viz.patch_box(exp.window, exp.grid, exp.patch, original.shape)
     assert tuple(original[max(0, y0 - 1), (x0 + x1) // 2]) == demo_app.viz.MARKER_COLOR
     # clicking again (another point, the input image, another head) runs no network pass
@@ -279,14 +284,14 @@ def test_score_before_any_run_is_a_clear_error(app, tmp_path):
 
 def test_score_the_sessions_last_run(app, first_run, tmp_path, compare_calls):
     record = first_run[3]
-    path, ref = _reference_png(tmp_path, len(record.baseline.class_names))
+    path, ref = _reference_png(tmp_path, len(record.class_names))
     table, maps = app.score(record, path)
-    expected = score_against(record.baseline, record.fsa, ref)
+    expected = score_against(*record.masks(), ref)
     assert table.splitlines()[0] == "| class | ClearCLIP IoU | ClearCLIP + FSA IoU | Δ |"
     assert _miou_row(table)[:2] == [round(expected.baseline.miou, 2), round(expected.fsa.miou, 2)]
     # the two error maps side by side under their captions (14 px font + 10 px strip), the key below
     assert maps.dtype == np.uint8 and maps.shape[1] == 2 * W + 6 and maps.shape[0] > 24 + H
-    for labels, x0 in ((record.baseline.labels, 0), (record.fsa.labels, W + 6)):
+    for labels, x0 in ((record.labels, 0), (record.fsa_labels, W + 6)):
         panel = maps[24: 24 + H, x0: x0 + W]
         wrong = (labels != ref) & (ref != 255)
         assert (panel[wrong] == demo_app.viz.ERROR_COLOR).all()
@@ -301,11 +306,27 @@ def test_score_the_sessions_last_run(app, first_run, tmp_path, compare_calls):
 
 def test_score_with_fsa_off_shows_the_baseline_only(app, photo, tmp_path):
     record = run(app, photo, method="maskclip", fsa_on=False)[3]
-    path, ref = _reference_png(tmp_path, len(record.baseline.class_names))
+    path, ref = _reference_png(tmp_path, len(record.class_names))
     table, maps = app.score(record, path)
     assert table.splitlines()[0] == "| class | MaskCLIP IoU |"
-    assert _miou_row(table) == [round(score_against(record.baseline, None, ref).baseline.miou, 2)]
+    assert _miou_row(table) == [round(score_against(record.masks()[0], None, ref).baseline.miou, 2)]
     assert maps.shape[1] == W
+
+
+def test_score_a_large_upload_reduces_the_reference_and_says_so(app, tmp_path):
+    """A large upload is segmented at the working size; its full-size reference is brought to that size with
+    nearest-neighbour sampling, and the table says so."""
+    big = Image.open(REPO / "examples" / "coffee.jpg").convert("RGB").resize((2 * W, 2 * H))
+    big_path = tmp_path / "big.png"
+    big.save(big_path)
+    record = run(app, str(big_path))[3]
+    assert record.image.shape[:2] == (H, W) and record.input_size == (2 * W, 2 * H)
+    path, ref = _reference_png(tmp_path, len(record.class_names), size=(2 * W, 2 * H))
+    table, _ = app.score(record, path)
+    assert f"the {2 * W}×{2 * H} reference was reduced to that size" in table
+    small = ref[::2, ::2]  # nearest neighbour by 2 keeps every other pixel
+    assert _miou_row(table)[:2] == [round(score_against(*record.masks(), small).baseline.miou, 2),
+                                    round(score_against(*record.masks(), small).fsa.miou, 2)]
 
 
 def test_api_score_runs_once_then_reuses(app, photo, tmp_path, compare_calls):

@@ -1,0 +1,242 @@
+"""The app's runtime bounds, through its callbacks (no server): our own decoding of uploads, refusals over
+the memory budgets, the small per-session record, compare-all one method at a time, the limits' parsing."""
+from __future__ import annotations
+
+import gc
+import io
+import weakref
+from pathlib import Path
+
+import cv2
+import gradio as gr
+import numpy as np
+import pytest
+from PIL import Image
+
+import app as demo_app
+from fsa.config import METHOD_DEFAULTS, METHODS
+from fsa.images import read_bounded, working_size
+
+REPO = Path(__file__).resolve().parents[1]
+RuntimeLimits = demo_app.RuntimeLimits
+
+
+@pytest.fixture(scope="module")
+def app():
+    return demo_app.DemoApp(short_side=64, limits=RuntimeLimits())
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Paths of a good photo, a big photo and the bad inputs the load test found."""
+    folder = tmp_path_factory.mktemp("uploads")
+    photo = Image.open(REPO / "examples" / "coffee.jpg").convert("RGB")
+    paths = {"photo": folder / "coffee_small.png", "big": folder / "coffee_big.jpg", "big_png": folder / "big.png",
+             "text": folder / "notes.png", "empty": folder / "empty.png", "truncated": folder / "cut.jpg"}
+    photo.resize((96, 64)).save(paths["photo"])
+    photo.resize((1500, 1000), Image.Resampling.BICUBIC).save(paths["big"], quality=92)
+    photo.resize((1500, 1000)).save(paths["big_png"])
+    paths["text"].write_text("this is a text file renamed .png\n")
+    paths["empty"].write_bytes(b"")
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=90)
+    paths["truncated"].write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def run(app, image, vocabulary="cup, table", method="clearclip", short_side=64, crop=None, fsa_on=True):
+    d = METHOD_DEFAULTS[method]
+    crop = d.crop if crop is None else crop
+    return demo_app.friendly_errors(app.run)(None, image, vocabulary, method, app.default_backbone, fsa_on, True,
+                                             True, True, 3.0, 0.45, short_side, crop, d.stride, d.logit_scale, 0.0,
+                                             progress=None)
+
+
+def select(x, y):
+    return gr.SelectData(None, {"index": [x, y], "value": None})
+
+
+# --------------------------------------------------------------------------- our own decoding
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("text", r"cannot read notes.png as an image \(cannot identify image file 'notes.png'\); use a PNG, JPEG"),
+        ("empty", r"empty.png is an empty file \(0 bytes\)"),
+        ("truncated", r"cannot read cut.jpg as an image \(image file is truncated"),
+    ],
+)
+def test_bad_uploads_are_named_by_our_decoder(app, files, name, message):
+    for handler in ("run", "compare_all", "api_attention"):
+        with pytest.raises(gr.Error, match=message) as info:
+            if handler == "run":
+                run(app, files[name])
+            elif handler == "compare_all":
+                demo_app.friendly_errors(app.compare_all)(files[name], "cup", None, True, True, True, True, 3.0,
+                                                          0.45, 64, 0.0, progress=None)
+            else:
+                demo_app.friendly_errors(app.api_attention)(None, files[name], "cup", "clearclip", 3, 3, None,
+                                                            progress=None)
+        assert "Traceback" not in str(info.value) and "/tmp" not in str(info.value)
+
+
+def test_a_large_upload_is_segmented_at_the_working_size(app, files):
+    baseline, fsa_mask, summary, record, *_ = run(app, files["big"])
+    wh, ww = working_size(1000, 1500, 64)
+    assert record.image.shape == (wh, ww, 3) and record.input_size == (1500, 1000)
+    assert fsa_mask.shape[1] == ww and baseline.shape[1] == ww
+    # the masks are those of the library on the same decoded picture: nothing is lost on the way
+    decoded = read_bounded(files["big"], 64).rgb
+    np.testing.assert_array_equal(record.image, decoded)
+    d = METHOD_DEFAULTS["clearclip"]
+    settings = app.settings("clearclip", True, True, True, True, 3.0, 0.45, 64, d.crop, d.stride, d.logit_scale, 0.0)
+    direct = app.segmenter().compare(decoded, "cup, table", settings)
+    colors = demo_app.viz.class_colors(direct.fsa.class_names)
+    expected = demo_app.viz.segmentation_panel(decoded, direct.fsa.labels, direct.fsa.class_names, colors=colors)
+    np.testing.assert_array_equal(fsa_mask[:wh], expected)
+    # a click given in the upload's pixels lands on the same spot of the working picture
+    *_, clicked = app.click_input(record, demo_app.MEAN_HEADS, select(750, 500))
+    assert clicked.point == pytest.approx((750 * ww / 1500, 500 * wh / 1000))
+
+
+def test_the_session_record_holds_no_full_resolution_maps(app, files):
+    record = run(app, files["big"])[3]
+    for name in ("baseline", "fsa", "probabilities", "confidence"):
+        assert not hasattr(record, name)
+    # the label maps scoring needs: one byte a pixel, at the picture's size
+    for labels in (record.labels, record.fsa_labels):
+        assert labels.dtype == np.uint8 and labels.shape == record.image.shape[:2]
+    held = record.image.nbytes + record.labels.nbytes + record.fsa_labels.nbytes + sum(
+        t.numel() * t.element_size() for d in record.diagnostics.details for t in (d.q, d.k, d.pi))
+    assert held < 1 << 20  # ~the 96×64 picture, its two label maps and the tiny model's q, k, Π
+    # a click builds the N×N matrices of its window for itself: the session's store stays lean
+    app.click_mask(record, demo_app.MEAN_HEADS, select(5, 5))
+    assert record.diagnostics._cached is None
+
+
+# --------------------------------------------------------------------------- budgets
+def test_over_the_pixel_budget_is_refused(files):
+    small_budget = demo_app.DemoApp(short_side=64, preload=False, limits=RuntimeLimits(max_pixels=100_000))
+    # a PNG has no reduced decoding: its full size counts
+    with pytest.raises(gr.Error, match=r"big.png is 1500×1000 pixels \(1.5 megapixels\); this server decodes "
+                                       r"at most 0.1 megapixels: downscale the image first"):
+        run(small_budget, files["big_png"])
+
+
+def test_too_many_classes_are_refused_with_the_limit(files):
+    few = demo_app.DemoApp(short_side=64, preload=False, limits=RuntimeLimits(max_classes=3))
+    with pytest.raises(gr.Error, match=r"has 4 names \(class names and synonyms\); this server takes at most 3\. "
+                                       r"Remove some names \(limit FSA_MAX_CLASSES=3\)"):
+        run(few, files["photo"], vocabulary="cup; mug, table, saucer")
+    run(few, files["photo"], vocabulary="cup; mug, table")  # 3 names: fine
+
+
+def test_a_large_working_image_allows_fewer_classes(app, files):
+    # 96×64 at a 2048-px short side: the long side is capped at 2048 → 2048×1365 working pixels
+    wh, ww = working_size(64, 96, 2048, min_side=16)
+    allowed = 150 * demo_app.CLASS_BUDGET_PIXELS // (wh * ww)
+    vocabulary = ", ".join(f"thing{i}" for i in range(allowed + 1))
+    with pytest.raises(gr.Error, match=rf"takes at most {allowed} for a {ww}×{wh} working image \(lower the short "
+                                       rf"side"):
+        run(app, files["photo"], vocabulary=vocabulary, short_side=2048)
+
+
+def test_a_window_over_the_attention_budget_is_refused(app, files):
+    wh, ww = working_size(64, 96, 2048, min_side=16)
+    tokens = (wh // 16) * (ww // 16)
+    with pytest.raises(gr.Error, match=rf"A {ww}×{wh}-pixel window \({tokens} patches\) needs more attention memory "
+                                       r"than this server allows\. Lower the window crop"):
+        run(app, files["photo"], short_side=2048, crop=0)
+
+
+def test_window_batch_and_class_budget_formulas():
+    # heads × (tokens + 1)² float32 matrices, ATTENTION_COPIES of them per window
+    per_window = 12 * 785 ** 2 * 4 * demo_app.ATTENTION_COPIES
+    assert demo_app.window_batch_for(784, 12, 4) == min(4, demo_app.ATTENTION_BUDGET_BYTES // per_window)
+    assert demo_app.window_batch_for(784, 12, 4) == 4  # ViT-B/16's 448-px windows: the default batch fits
+    assert demo_app.window_batch_for(64 * 64, 16, 4) == 0  # a 1024-px window of ViT-L/14 does not
+    assert demo_app.class_budget_message(150, (448, 672), 150) is None
+    assert "at most 150" in demo_app.class_budget_message(151, (448, 672), 150)
+    assert "lower the short side" in demo_app.class_budget_message(1, (4000, 4000), 1)
+
+
+def test_limits_from_the_environment():
+    assert RuntimeLimits.from_env({}) == RuntimeLimits()
+    env = {"FSA_SESSION_TTL": "30", "FSA_MAX_PIXELS": "1e6", "FSA_MAX_CLASSES": "20", "FSA_TEMP_TTL": "60",
+           "FSA_CONCURRENCY": "2"}
+    assert RuntimeLimits.from_env(env) == RuntimeLimits(concurrency=2, session_ttl=30.0, max_pixels=1_000_000,
+                                                         max_classes=20, temp_ttl=60.0)
+    assert RuntimeLimits(temp_ttl=60.0).temp_sweep_every == 20.0
+    for name, value in (("FSA_SESSION_TTL", "soon"), ("FSA_MAX_CLASSES", "0"), ("FSA_MAX_PIXELS", "2.5"),
+                        ("FSA_CONCURRENCY", "-1")):
+        with pytest.raises(ValueError, match=rf"{name}='{value}' is not a positive"):
+            RuntimeLimits.from_env({name: value})
+
+
+# --------------------------------------------------------------------------- compare all
+def test_compare_all_holds_one_methods_results_at_a_time(app, files, monkeypatch):
+    segmenter = app.segmenter()
+    real = segmenter.compare
+    earlier: list[weakref.ref] = []
+
+    def tracking(*args, **kwargs):
+        gc.collect()
+        alive = [ref for ref in earlier if ref() is not None]
+        assert not alive, f"{len(alive)} results of earlier baselines are still in memory"
+        out = real(*args, **kwargs)
+        earlier.extend(weakref.ref(r) for r in (out, out.baseline, out.fsa))
+        return out
+
+    monkeypatch.setattr(segmenter, "compare", tracking)
+    grid, text = app.compare_all(files["photo"], "cup, table", None, True, True, True, True, 3.0, 0.45, 64, 0.0,
+                                 progress=None)
+    assert len(earlier) == 3 * len(METHODS)
+    assert text.startswith(f"{len(METHODS)} baselines")
+    assert grid.shape[1] == 2 * demo_app.COMPARE_CELL_WIDTH + 3 * 4
+
+
+def test_compare_all_cells_equal_the_masks_of_each_method(app, files):
+    """The cells drawn during the loop are the panels of each method's pass, resized as compare_grid does."""
+    rgb = read_bounded(files["photo"], 64).rgb
+    settings = app.settings("naclip", True, True, True, True, 3.0, 0.45, 64, None, None, None, 0.0,
+                            keep_diagnostics=False)
+    names, rows = app._infer_cells_impl(None, rgb, "cup, table", [settings])
+    (method, cells, seconds, error), = rows
+    assert method == "naclip" and error is None and seconds > 0
+    out = app.segmenter().compare(rgb, "cup, table", settings)
+    colors = demo_app.viz.class_colors(names)
+    for cell, result in zip(cells, (out.baseline, out.fsa)):
+        panel = demo_app.viz.segmentation_panel(rgb, result.labels, names, colors=colors)  # 96×64
+        expected = cv2.resize(panel, (256, round(64 * 256 / 96)), interpolation=cv2.INTER_LINEAR)
+        np.testing.assert_array_equal(cell, expected)
+
+
+# --------------------------------------------------------------------------- the page's wiring
+def test_queue_groups_and_progress(app):
+    demo = demo_app.build_demo(app)
+    fns = {fn.api_name: fn for fn in demo.fns.values()}
+    for name in ("run", "segment", "compare_all"):
+        assert (fns[name].concurrency_id, fns[name].concurrency_limit) == ("model", app.limits.concurrency)
+    assert fns["attention"].concurrency_id == "attention"  # a cached click never waits behind passes
+    for name in ("run", "segment", "compare_all", "attention"):
+        assert fns[name].show_progress == "full"  # the queue position and the progress bar
+    clicks = [fn for fn in demo.fns.values() if fn.concurrency_id == "click"]
+    assert len(clicks) == 4  # image, two masks, head selector
+    state = next(b for b in demo.blocks.values() if isinstance(b, gr.State))
+    assert state.time_to_live == app.limits.session_ttl
+    assert demo.delete_cache == (int(app.limits.temp_sweep_every), int(app.limits.temp_ttl))
+
+
+def test_prune_empty_dirs(tmp_path):
+    import os
+    import time
+
+    old_empty, fresh_empty, old_full = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for folder in (old_empty, fresh_empty, old_full):
+        folder.mkdir()
+    (old_full / "mask.png").write_bytes(b"x")
+    past = time.time() - 100
+    for folder in (old_empty, old_full):
+        os.utime(folder, (past, past))
+    assert demo_app.prune_empty_dirs(tmp_path, older_than=50) == 1
+    assert not old_empty.exists() and fresh_empty.exists() and old_full.exists()
+    assert demo_app.prune_empty_dirs(tmp_path / "missing", older_than=50) == 0
