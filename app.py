@@ -70,7 +70,8 @@ EXAMPLES: list[tuple[str, str, str]] = [
 MEAN_HEADS = "mean over heads"
 NO_RUN_MESSAGE = "Run a segmentation first (press “Segment”), then click a point on the image or on a mask."
 NO_RUN_SCORE_MESSAGE = "Run a segmentation first (press “Segment”), then score it against a reference mask."
-SHORT_SIDE_DEFAULT = 448
+#: None: each method's published short side (fsa.METHOD_DEFAULTS: 336 for SCLIP, NACLIP, ProxyCLIP, else 448)
+SHORT_SIDE_DEFAULT: Optional[int] = None
 TITLE = "FSA: Feedback Self-adaptive Attention for CLIP segmentation"
 INTRO = """\
 Training-free open-vocabulary segmentation with CLIP. A baseline (MaskCLIP, SCLIP, ClearCLIP, NACLIP,
@@ -651,13 +652,15 @@ class DemoApp:
     Holds no per-user data: every callback takes and returns the session's `RunRecord`.
     """
 
-    def __init__(self, backbone: Optional[str] = None, *, device=None, short_side: int = SHORT_SIDE_DEFAULT,
-                 preload: bool = True, limits: Optional[RuntimeLimits] = None):
+    def __init__(self, backbone: Optional[str] = None, *, device=None,
+                 short_side: Optional[int] = SHORT_SIDE_DEFAULT, preload: bool = True,
+                 limits: Optional[RuntimeLimits] = None):
         self.limits = limits or RuntimeLimits.from_env()
         self.cache = fsa.ModelCache()
         self.text_cache = TextFeatureCache(names_per_batch=TEXT_NAMES_PER_BATCH)
         self.device = device
-        self.default_short_side = int(short_side)
+        #: a short side for every method (tests, small servers), or None for each method's own
+        self.default_short_side = None if short_side is None else int(short_side)
         self._segmenters: dict[str, Any] = {}
         self._lock = threading.Lock()
         # Forward passes at once, whoever asks: the queue's "model" group and /attention calls that find
@@ -791,7 +794,7 @@ class DemoApp:
         any model work. → (fsa.images.BoundedImage, the settings with a window batch that fits)."""
         self._check_inputs(image, vocabulary)
         queries = len(parse_vocabulary(vocabulary).queries)
-        short_side = settings_list[0].short_side
+        short_side = max(settings.resolved_short_side() for settings in settings_list)
         name = Path(image).name if isinstance(image, (str, Path)) else None
         decoded = read_bounded(image, short_side, max_pixels=self.limits.max_pixels, name=name)
         segmenter = self.segmenter(backbone)
@@ -1093,11 +1096,17 @@ class DemoApp:
         if record is not None:
             self.release_memory()
 
-    @staticmethod
-    def method_defaults(method: str):
-        """Method selector: put that method's window crop, stride and logit scale in the fields."""
+    def method_defaults(self, method: str):
+        """Method selector: put that method's short side (unless the app fixes one), window crop, stride and
+        logit scale in the fields."""
         d = METHOD_DEFAULTS.get(method or "clearclip", METHOD_DEFAULTS["clearclip"])
-        return d.crop, d.stride, d.logit_scale
+        return self.short_side_for(method), d.crop, d.stride, d.logit_scale
+
+    def short_side_for(self, method: Optional[str]) -> int:
+        """The short side the page shows for `method`: the app's fixed one, else the method's published one."""
+        if self.default_short_side is not None:
+            return self.default_short_side
+        return METHOD_DEFAULTS.get(method or "clearclip", METHOD_DEFAULTS["clearclip"]).short_side
 
     @staticmethod
     def backbone_defaults(backbone: str):
@@ -1198,8 +1207,8 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
                     p = gr.Slider(0.05, 1.0, value=0.45, step=0.01, label="p (top-p kept by pruning)",
                                   elem_id="fsa-p")
                 with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
-                    short_side = gr.Number(app.default_short_side, label="Short side (pixels)", precision=0,
-                                           minimum=16, maximum=2048, elem_id="short-side")
+                    short_side = gr.Number(app.short_side_for("clearclip"), label="Short side (pixels)",
+                                           precision=0, minimum=16, maximum=2048, elem_id="short-side")
                     with gr.Row():
                         crop = gr.Number(d0.crop, label="Window crop (px, 0 = whole image)", precision=0,
                                          minimum=0, elem_id="crop")
@@ -1305,8 +1314,8 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
         for mask in (mask_baseline, mask_fsa):
             mask.select(wrap(app.click_mask), [record, head], click_outputs, **click_job)
         head.input(wrap(app.change_head), [record, head], attention + [head], **click_job)
-        method.change(app.method_defaults, method, [crop, stride, logit_scale], api_visibility="private",
-                      queue=False)
+        method.change(app.method_defaults, method, [short_side, crop, stride, logit_scale],
+                      api_visibility="private", queue=False)
         backbone.change(app.backbone_defaults, backbone, lam, api_visibility="private", queue=False)
         api_segment.click(wrap(app.api_segment),
                           [record, image, classes, method, fsa_on, isolation, pruning, ensemble, lam, p] + beyond,

@@ -71,10 +71,14 @@ def test_app_defaults_and_status(app):
     assert app.num_heads >= 1
 
 
-def test_method_defaults_follow_config():
+def test_method_defaults_follow_config(app):
+    published = demo_app.DemoApp(preload=False)  # no fixed short side: each method's published one
     for method in METHODS:
         d = METHOD_DEFAULTS[method]
-        assert demo_app.DemoApp.method_defaults(method) == (d.crop, d.stride, d.logit_scale)
+        assert published.method_defaults(method) == (d.short_side, d.crop, d.stride, d.logit_scale)
+        assert app.method_defaults(method) == (64, d.crop, d.stride, d.logit_scale)  # the app's fixed one
+    assert [published.short_side_for(m) for m in ("proxyclip", "sclip", "naclip", "clearclip")] == [336, 336, 336, 448]
+    assert published.settings("sclip", True, True, True, True, 3.0, 0.45).resolved_short_side() == 336
     assert demo_app.DemoApp.backbone_defaults("ViT-H-14") == pytest.approx(2.3)
     assert demo_app.DemoApp.backbone_defaults("ViT-B-16") == pytest.approx(3.0)
 
