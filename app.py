@@ -927,8 +927,12 @@ class DemoApp:
         chart = viz.class_bar_chart(exp.class_names, exp.class_probs, viz.class_colors(exp.class_names))
         best = exp.class_names[int(np.argmax(exp.class_probs))]
         head_text = "mean over heads" if h is None else f"head {h + 1} of {exp.num_heads}"
+        ih, iw = image.shape[:2]
+        x0, x1, y0, y1 = max(0, win.x0), min(iw, win.x1), max(0, win.y0), min(ih, win.y1)
+        padded = ("; its grid also covers the zero padding past the border"
+                  if (x0, x1, y0, y1) != (win.x0, win.x1, win.y0, win.y1) else "")
         text = (f"Query patch row {patch[0]}, column {patch[1]} of a {exp.grid[0]}×{exp.grid[1]} grid, in the window "
-                f"x {win.x0}–{win.x1}, y {win.y0}–{win.y1} (point x={x:.0f}, y={y:.0f}); {head_text}; "
+                f"x {x0}–{x1}, y {y0}–{y1}{padded} (point x={x:.0f}, y={y:.0f}); {head_text}; "
                 f"{int(exp.kept.sum())} of {exp.kept.size} patches kept by pruning; most likely class under Π: "
                 f"**{best}**. Each map is scaled to its own range; the cyan square is the query patch.")
         choices = head_choices(exp.num_heads)

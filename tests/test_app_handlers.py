@@ -214,6 +214,15 @@ def test_click_reuses_the_sessions_forward_pass(app, photo, compare_calls):
     assert head_update["choices"] == demo_app.head_choices(exp.num_heads)
 
 
+def test_click_on_a_padded_window_reports_the_window_inside_the_image(app):
+    """100 px wide at short side 64: one window of 64×100, padded by 6 px left and right to 7 patches."""
+    wide = Image.open(REPO / "examples" / "coffee.jpg").convert("RGB").resize((100, 64))
+    record = run(app, wide)[3]
+    outputs = app.click_mask(record, demo_app.MEAN_HEADS, select(50, 30))
+    text = outputs[5]
+    assert "of a 4×7 grid, in the window x 0–100, y 0–64; its grid also covers the zero padding" in text
+
+
 def test_click_on_input_image_scales_to_result_pixels(app, first_run):
     record = replace(first_run[3], input_size=(2 * W, 2 * H))  # as if the user's image was twice as large
     *_, new_record = app.click_input(record, demo_app.MEAN_HEADS, select(2 * 10, 2 * 20))
