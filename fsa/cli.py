@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m fsa", description="Training-free CLIP segmentation with FSA (ICCV 2025).")
-    commands = parser.add_subparsers(dest="command", metavar="{segment,evaluate,prepare,bench}")
+    commands = parser.add_subparsers(dest="command", metavar="{segment,evaluate,prepare,bench,loadtest}")
     seg = commands.add_parser("segment", help="segment one image into the given classes",
                               description="Segment IMAGE; write a colour mask PNG and print each class's pixel share.")
     seg.add_argument("image", metavar="IMAGE", help="image file (PNG, JPEG, WebP, TIFF, ...)")
@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("prepare", help="convert raw COCO / Cityscapes labels to the evaluation layout "
                         "(python -m fsa prepare --help)", add_help=False)
     commands.add_parser("bench", help="time the attention variants (python -m fsa bench --help)", add_help=False)
+    commands.add_parser("loadtest", help="load-test the app on this machine (python -m fsa loadtest --help)",
+                        add_help=False)
     return parser
 
 
@@ -190,6 +192,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .evaluation.cli import main as evaluate_main
 
         return _guarded(lambda: evaluate_main(argv[1:], parser_class=_Parser))
+    if argv and argv[0] == "loadtest":
+        from .loadtest import main as loadtest_main
+
+        return loadtest_main(argv[1:])
     if argv and argv[0] == "prepare":
         from .evaluation.prepare import main as prepare_main
 
@@ -197,7 +203,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("choose a command: segment, evaluate, prepare or bench")
+        parser.error("choose a command: segment, evaluate, prepare, bench or loadtest")
     return _guarded(lambda: _segment(args))
 
 

@@ -215,7 +215,8 @@ def test_a_job_whose_page_closed_stops_at_its_next_progress_report(server, files
         uploaded = httpx.post(f"{api}/upload", files=[("files", ("coffee_small.png", f))]).json()[0]
     fn_index = next(i for i, fn in demo.fns.items() if fn.api_name == "segment")
     image = {"path": uploaded, "orig_name": "coffee_small.png", "meta": {"_type": "gradio.FileData"}}
-    data = [None, image, VOCAB, "clearclip", True, True, True, True, 3.0, 0.45]  # None: the session state
+    # None: the session state; then the paper's beyond-the-paper switches (similarity, iterations, blocks)
+    data = [None, image, VOCAB, "clearclip", True, True, True, True, 3.0, 0.45, "kl", 1, ""]
     joined = httpx.post(f"{api}/queue/join", json={"data": data, "fn_index": fn_index, "session_hash": session,
                                                     "event_data": None, "trigger_id": None})
     assert joined.status_code == 200, joined.text

@@ -220,7 +220,7 @@ def test_proxy_offline_hint(fsa_model, expected, monkeypatch):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        ([], "choose a command: segment, evaluate, prepare or bench"),
+        ([], "choose a command: segment, evaluate, prepare, bench or loadtest"),
         (["segment", "x.png"], "the following arguments are required: --classes"),
         (["segment", "x.png", "--classes", "cat", "--crop", "big"], "argument --crop: invalid int value: 'big'"),
     ],
