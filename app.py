@@ -556,7 +556,7 @@ class DemoApp:
         """Decode the image to the working size and check the request against the memory budgets, before
         any model work. → (fsa.images.BoundedImage, the settings with a window batch that fits)."""
         self._check_inputs(image, vocabulary)
-        queries = len(parse_vocabulary(vocabulary).queries)
+        queries = len(parse_vocabulary(vocabulary, max_names=1 << 30).queries)  # counted here, limited below
         short_side = settings_list[0].short_side
         name = Path(image).name if isinstance(image, (str, Path)) else None
         decoded = read_bounded(image, short_side, max_pixels=self.limits.max_pixels, name=name)
