@@ -122,10 +122,11 @@ class RuntimeLimits:
     #: reduction). 120 MP: a 10000×10000 photo passes; ≤ 5 bytes a pixel while decoding (a palette
     #: image expanded to RGBA), so ≤ 600 MB.
     max_pixels: int = DEFAULT_MAX_PIXELS
-    #: FSA_MAX_CLASSES: text queries (class names and synonyms) at most, for an image of
-    #: `CLASS_BUDGET_PIXELS` working pixels; larger working images get proportionally fewer. The
-    #: score maps cost ~16 bytes per query and working pixel (two canvases of float32 sums, their
-    #: mean and the softmax band): 150 × 448 × 672 × 16 B ≈ 720 MB. 150: ADE20K's vocabulary fits.
+    #: FSA_MAX_CLASSES: text queries (class names and synonyms) at most, for a working image of
+    #: `CLASS_BUDGET_PIXELS`; larger working images get proportionally fewer. The score maps cost
+    #: ~36 bytes per query and working pixel at the peak (two float32 canvases, their mean, the
+    #: softmax bands and the per-class probabilities of both results): measured +1.43 GB for 150
+    #: queries on a 2000×1500 photo (597×448 working pixels). 150: ADE20K's vocabulary fits.
     max_classes: int = 150
     #: FSA_TEMP_TTL: seconds Gradio's temp files (uploads, the PNGs sent back) are kept.
     temp_ttl: float = 900.0
@@ -149,8 +150,8 @@ class RuntimeLimits:
         return max(1.0, min(300.0, self.temp_ttl / 3))
 
 
-#: Working pixels FSA_MAX_CLASSES is meant for: a 4:3 photo at the default short side (448 × 672).
-CLASS_BUDGET_PIXELS = 448 * 672
+#: Working pixels FSA_MAX_CLASSES is meant for: a 4:3 photo at the default short side (597 × 448).
+CLASS_BUDGET_PIXELS = 597 * 448
 #: Attention memory one batch of windows may take: heads × tokens² float32 matrices, ATTENTION_COPIES of
 #: them alive at once. Measured on CPU with ViT-B/16: one 768×1024 window (3072 tokens) peaks at ~1.9
 #: such matrices (0.85 GB above the rest of the request); the default 448-px windows take ~0.2 GB for a
@@ -165,6 +166,12 @@ PROXY_GEOMETRY = {"dino-b8": (8, 12), "dinov2-b14-reg": (14, 12), TINY_TEST: (8,
 TEXT_NAMES_PER_BATCH = 2
 #: Text features kept (≈2-4 KB each); the cache is emptied when it grows past this.
 TEXT_CACHE_MAX_NAMES = 20_000
+#: File format of the four attention heatmaps sent back for every click: photo-like pictures, where a
+#: PNG takes ~125 ms to encode at 640×480 and 490 KB, a JPEG ~3 ms and 90 KB. Masks, the compare grid
+#: and the Π chart stay PNG (exact class colours, text).
+HEATMAP_FORMAT = "jpeg"
+#: Sessions Gradio remembers at most (~110 KB of page config each, besides their state).
+SESSION_CAPACITY = 1000
 #: Width of one cell of the compare-all grid (fsa.visualize.compare_grid's default).
 COMPARE_CELL_WIDTH = 256
 
@@ -793,7 +800,7 @@ class DemoApp:
         """Decode the image to the working size and check the request against the memory budgets, before
         any model work. → (fsa.images.BoundedImage, the settings with a window batch that fits)."""
         self._check_inputs(image, vocabulary)
-        queries = len(parse_vocabulary(vocabulary).queries)
+        queries = len(parse_vocabulary(vocabulary, max_names=1 << 30).queries)  # counted here, limited below
         short_side = max(settings.resolved_short_side() for settings in settings_list)
         name = Path(image).name if isinstance(image, (str, Path)) else None
         decoded = read_bounded(image, short_side, max_pixels=self.limits.max_pixels, name=name)
@@ -1244,15 +1251,15 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
                     attn_info = gr.Markdown("Click a point on the image or on a mask to inspect its patch.",
                                             label="Patch description", elem_id="attn-info")
                 with gr.Row():
-                    attn_original = gr.Image(label="Baseline attention row A₀[i]", type="numpy", format="png",
+                    attn_original = gr.Image(label="Baseline attention row A₀[i]", type="numpy", format=HEATMAP_FORMAT,
                                              interactive=False, elem_id="attn-original")
-                    attn_new = gr.Image(label="A_new[i] (from the output similarity)", type="numpy", format="png",
+                    attn_new = gr.Image(label="A_new[i] (from the output similarity)", type="numpy", format=HEATMAP_FORMAT,
                                         interactive=False, elem_id="attn-new")
                 with gr.Row():
-                    attn_adapted = gr.Image(label="Adapted attention A_ens[i]", type="numpy", format="png",
+                    attn_adapted = gr.Image(label="Adapted attention A_ens[i]", type="numpy", format=HEATMAP_FORMAT,
                                             interactive=False, elem_id="attn-adapted")
                     attn_similarity = gr.Image(label="Similarity Ŝ[i] (dimmed: pruned)", type="numpy",
-                                               format="png", interactive=False, elem_id="attn-similarity")
+                                               format=HEATMAP_FORMAT, interactive=False, elem_id="attn-similarity")
                 class_probs = gr.Image(label="Π_i: class distribution after isolation", type="numpy",
                                        format="png", interactive=False, elem_id="class-probs")
         with gr.Accordion("Compare all baselines", open=True, elem_id="compare-section"):
@@ -1346,11 +1353,16 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
 
 
         async def end_session(request: gr.Request) -> None:
-            """The page closed: drop the session's state now. Async, so that it runs on the event loop
-            between the state holder's own sweeps."""
+            """The page closed: drop the session's state now, and the ~110 KB of page config Gradio keeps
+            per session. Async, so that it runs on the event loop between the state holder's sweeps."""
             holder = getattr(getattr(demo, "server_app", None), "state_holder", None)
-            if holder is not None and request.session_hash:
-                holder.delete_state(request.session_hash)
+            session = request.session_hash
+            if holder is None or not session:
+                return
+            holder.delete_state(session)
+            with holder.lock:
+                holder.session_data.pop(session, None)
+                holder.time_last_used.pop(session, None)
 
         demo.unload(end_session)
     check_number_inputs(demo)
@@ -1359,8 +1371,10 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
 
 
 def launch_options(limits: RuntimeLimits) -> dict:
-    """`demo.launch` arguments besides the address: the temp-folder sweeper."""
-    return {"app_kwargs": {"lifespan": temp_sweeper(limits)}}
+    """`demo.launch` arguments besides the address: the temp-folder sweeper, and at most SESSION_CAPACITY
+    sessions remembered (Gradio's default, 10000, could hold ~1 GB of per-session page config from
+    API clients that never close; the least recently used session goes first)."""
+    return {"app_kwargs": {"lifespan": temp_sweeper(limits)}, "state_session_capacity": SESSION_CAPACITY}
 
 
 def server_options() -> dict:

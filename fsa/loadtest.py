@@ -218,7 +218,8 @@ class LoadTest:
             (f"{self.args.classes} classes 2000×1500 /segment",
              lambda: self.segment(client, "medium", _vocabulary(self.args.classes)), True),
             ("20 classes 2000×1500 /compare_all", lambda: self.compare(client, "medium", _vocabulary(20)), True),
-            ("600 classes /segment (over budget)", lambda: self.segment(client, "small", _vocabulary(600)), False),
+            (f"{self.args.classes + 50} classes /segment (over budget)",
+             lambda: self.segment(client, "small", _vocabulary(self.args.classes + 50)), False),
             ("12000×11000 PNG (over budget)", lambda: self.segment(client, "over"), False),
         ]
         for name, call, should_work in cases:

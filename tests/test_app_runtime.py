@@ -154,8 +154,11 @@ def test_window_batch_and_class_budget_formulas():
     assert demo_app.window_batch_for(784, 12, 4) == min(4, demo_app.ATTENTION_BUDGET_BYTES // per_window)
     assert demo_app.window_batch_for(784, 12, 4) == 4  # ViT-B/16's 448-px windows: the default batch fits
     assert demo_app.window_batch_for(64 * 64, 16, 4) == 0  # a 1024-px window of ViT-L/14 does not
-    assert demo_app.class_budget_message(150, (448, 672), 150) is None
-    assert "at most 150" in demo_app.class_budget_message(151, (448, 672), 150)
+    assert demo_app.class_budget_message(150, (448, 597), 150) is None  # a 4:3 photo at the default size
+    assert "at most 150." in demo_app.class_budget_message(151, (448, 597), 150)
+    # a 16:9 photo has 448 × 796 working pixels: 150 · 597 · 448 / (448 · 796) = 112.5 → 112 names
+    assert "at most 112 for a 796×448 working image" in demo_app.class_budget_message(113, (448, 796), 150)
+    assert demo_app.class_budget_message(112, (448, 796), 150) is None
     assert "lower the short side" in demo_app.class_budget_message(1, (4000, 4000), 1)
 
 

@@ -125,6 +125,8 @@ def test_session_state_is_dropped_when_the_client_leaves(files, monkeypatch):
             client.close()  # ends its heartbeat, as closing the tab does
         # dropped now, not after Gradio's hour for closed sessions nor after the TTL
         assert _wait_for(lambda: not any(_session_records(demo, c.session_hash) for c in leaving), timeout=15)
+        assert _wait_for(lambda: not any(c.session_hash in demo.server_app.state_holder.session_data
+                                         for c in leaving), timeout=15)  # and Gradio's page config for it
         assert len(_session_records(demo, staying.session_hash)) == 1
         staying.close()
 
