@@ -1,4 +1,4 @@
-"""High-level segmentation: image + vocabulary string → label map, probabilities, diagnostics."""
+"""High-level segmentation: image + vocabulary string → label map, confidence, diagnostics."""
 from __future__ import annotations
 
 import time
