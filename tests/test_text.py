@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
-from fsa.backbones import load_clip
-from fsa.text import TEMPLATES, TextFeatureCache, prompts
+import fsa.text
+from fsa.backbones import load_clip, tiny_test_clip
+from fsa.text import TEMPLATES, TextFeatureCache, encode_prompts, prompts
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +23,13 @@ def clip():
 def counting(clip, monkeypatch):
     """Count the prompts that reach the text encoder."""
     seen: list[int] = []
-    real = clip.model.encode_text
+    real = fsa.text.encode_prompts
 
-    def encode_text(tokens, *args, **kwargs):
+    def encode_prompts(model, tokens):
         seen.append(tokens.shape[0])
-        return real(tokens, *args, **kwargs)
+        return real(model, tokens)
 
-    monkeypatch.setattr(clip.model, "encode_text", encode_text)
+    monkeypatch.setattr(fsa.text, "encode_prompts", encode_prompts)
     return seen
 
 
@@ -53,6 +54,33 @@ def test_encode_matches_independent_computation(clip):
     expected = torch.stack([_independent(clip, n) for n in names])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert (got[0] - got[1]).abs().max() > 1e-4, "different names must give different features"
+
+
+def test_prompts_run_over_the_shortest_context_that_holds_them(clip):
+    """The trimmed text tower equals open_clip's full 77-token one, and really runs fewer positions."""
+    tokens = clip.tokenizer(prompts("cat") + prompts("a red double-decker bus on a rainy street"))
+    longest = int(tokens.argmax(dim=-1).max()) + 1
+    assert 10 < longest < 40
+    lengths = []
+    hook = clip.model.transformer.register_forward_pre_hook(lambda _, args: lengths.append(args[0].shape[1]))
+    try:
+        with torch.no_grad():
+            full = clip.model.encode_text(tokens)
+            trimmed = encode_prompts(clip.model, tokens)
+    finally:
+        hook.remove()
+    assert lengths == [77, longest]
+    torch.testing.assert_close(trimmed, full, rtol=1e-5, atol=1e-5)
+    assert (full[0] - full[-1]).abs().max() > 1e-3
+
+
+def test_a_non_causal_text_tower_runs_in_full(clip):
+    """Without a causal mask every position sees the padding: no trimming then."""
+    model = tiny_test_clip(seed=3).eval()
+    model.attn_mask = torch.zeros_like(model.attn_mask)
+    tokens = clip.tokenizer(["a photo of a cat."])
+    with torch.no_grad():
+        torch.testing.assert_close(encode_prompts(model, tokens), model.encode_text(tokens), rtol=0, atol=0)
 
 
 def test_only_missing_names_are_encoded(clip, counting):
