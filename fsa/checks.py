@@ -78,8 +78,9 @@ def check_number(
 def check_finite(values: Any, what: str) -> Any:
     """Return ``values`` (a torch tensor or a numpy array) if every entry is finite.
 
-    Else :class:`NumericalError` saying how many entries of ``what`` are NaN or infinite. One
-    reduction over the tensor (on CUDA: one synchronisation).
+    Else :class:`NumericalError` saying how many entries of ``what`` are NaN or infinite. The usual
+    case costs one sum and no copy (on CUDA: one synchronisation): a NaN or infinite entry makes the
+    sum NaN or infinite; only a non-finite sum (also an overflow of finite values) looks entry by entry.
     """
     import numpy as np
 
@@ -89,6 +90,8 @@ def check_finite(values: Any, what: str) -> Any:
         torch = None
     if torch is not None and isinstance(values, torch.Tensor):
         if values.dtype == torch.bool or not (values.is_floating_point() or values.is_complex()):
+            return values
+        if bool(torch.isfinite(values.sum())):
             return values
         finite = torch.isfinite(values)
         if bool(finite.all()):
@@ -100,6 +103,9 @@ def check_finite(values: Any, what: str) -> Any:
         arr = np.asarray(values)
         if not np.issubdtype(arr.dtype, np.inexact):
             return values
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(arr.sum()):
+                return values
         finite = np.isfinite(arr)
         if bool(finite.all()):
             return values

@@ -162,7 +162,7 @@ def window_cosines(
             if window_details is not None:
                 details.append(window_details.select(i))
     for key, canvas in canvases.items():
-        maps[key] = canvas.mean()
+        maps[key] = canvas.take_mean()
     return WindowCosines(maps, windows, [pad] * len(windows), grid, clip_grid, details)
 
 

@@ -75,6 +75,9 @@ def nearest_window(windows: list[Window], x: float, y: float) -> int:
 class LogitCanvas:
     """Sum of per-window maps upsampled to their window, and the count of windows per pixel."""
 
+    #: Upsampled values `add` holds at once (16 MB of float32), whatever the number of channels.
+    MAX_ELEMENTS = 1 << 22
+
     def __init__(self, channels: int, height: int, width: int, dtype=torch.float32, device=None):
         self.sum = torch.zeros(channels, height, width, dtype=dtype, device=device)
         self.count = torch.zeros(1, height, width, dtype=dtype, device=device)
@@ -84,14 +87,23 @@ class LogitCanvas:
         bilinearly upsampled to the padded window, then cropped back to the window."""
         left, right, top, bottom = padding
         size = (window.height + top + bottom, window.width + left + right)
-        up = F.interpolate(grid_map[None].to(self.sum.dtype), size=size, mode="bilinear", align_corners=False)[0]
-        up = up[:, top:top + window.height, left:left + window.width]
-        self.sum[:, window.y0:window.y1, window.x0:window.x1] += up
+        target = self.sum[:, window.y0:window.y1, window.x0:window.x1]
+        # Channels are resized independently: a few at a time keeps the upsampled copy small.
+        step = max(1, self.MAX_ELEMENTS // (size[0] * size[1]))
+        for k in range(0, grid_map.shape[0], step):
+            up = F.interpolate(grid_map[None, k:k + step].to(self.sum.dtype), size=size, mode="bilinear",
+                               align_corners=False)[0]
+            target[k:k + step] += up[:, top:top + window.height, left:left + window.width]
         self.count[:, window.y0:window.y1, window.x0:window.x1] += 1
 
-    def mean(self) -> Tensor:
-        """(K, H, W): every pixel is covered by the layout, so count ≥ 1."""
-        return self.sum / self.count
+    def take_mean(self) -> Tensor:
+        """(K, H, W) sum / count, computed in the sum's own memory (no second (K, H, W) map), so the
+        canvas is spent. Every pixel is covered by the layout, so count ≥ 1."""
+        if self.sum is None:
+            raise RuntimeError("take_mean was already called on this canvas")
+        mean = self.sum.div_(self.count)
+        self.sum = self.count = None
+        return mean
 
 
 def linear_resize_matrix(src: int, dst: int, dtype=torch.float32, device=None) -> Tensor:
@@ -104,15 +116,20 @@ def linear_resize_matrix(src: int, dst: int, dtype=torch.float32, device=None) -
     return F.interpolate(eye, size=dst, mode="linear", align_corners=False)[0].T.contiguous()
 
 
-def resized_row_bands(maps: Tensor, height: int, width: int, *, max_elements: int = 1 << 25):
+def resized_row_bands(maps: Tensor, height: int, width: int, *, max_elements: int = 1 << 22):
     """Yield (y0, y1, band) with band = bilinear resize of maps (K, h, w) to (K, height, width)[:, y0:y1].
 
-    Holds at most about `max_elements` output values at once, whatever the image size.
+    Holds at most about `max_elements` output values at once (16 MB of float32), whatever the image
+    size. A resize to the same size is the identity: its bands are views of `maps`.
     """
     k, h, w = maps.shape
+    rows = max(1, max_elements // max(1, k * width))
+    if (h, w) == (height, width):
+        for y0 in range(0, height, rows):
+            yield y0, min(height, y0 + rows), maps[:, y0:y0 + rows]
+        return
     ry = linear_resize_matrix(h, height, maps.dtype, maps.device)
     rx = linear_resize_matrix(w, width, maps.dtype, maps.device)
-    rows = max(1, max_elements // max(1, k * width))
     for y0 in range(0, height, rows):
         y1 = min(height, y0 + rows)
         band = torch.einsum("yh,khw->kyw", ry[y0:y1], maps)

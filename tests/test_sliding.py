@@ -43,10 +43,24 @@ def test_canvas_averages_overlapping_windows():
     canvas = LogitCanvas(2, 4, 6)
     canvas.add(Window(0, 0, 4, 4), torch.ones(2, 2, 2))
     canvas.add(Window(0, 2, 4, 6), 3 * torch.ones(2, 2, 2))
-    out = canvas.mean()
+    out = canvas.take_mean()
+    with pytest.raises(RuntimeError, match="already"):
+        canvas.take_mean()
     assert torch.allclose(out[:, :, :2], torch.ones(2, 4, 2))
     assert torch.allclose(out[:, :, 2:4], 2 * torch.ones(2, 4, 2))  # (1 + 3) / 2
     assert torch.allclose(out[:, :, 4:], 3 * torch.ones(2, 4, 2))
+
+
+def test_canvas_adds_a_few_channels_at_a_time_with_the_same_values(monkeypatch):
+    """A padded window upsampled channel-chunk by channel-chunk equals one interpolate of all channels."""
+    grid = torch.randn(7, 5, 6)
+    window, padding = Window(3, 2, 3 + 36, 2 + 44), (2, 2, 1, 3)  # (left, right, top, bottom)
+    whole = F.interpolate(grid[None], size=(40, 48), mode="bilinear", align_corners=False)[0][:, 1:37, 2:46]
+    monkeypatch.setattr(LogitCanvas, "MAX_ELEMENTS", 2 * 40 * 48)  # two channels a chunk
+    canvas = LogitCanvas(7, 50, 50)
+    canvas.add(window, grid, padding=padding)
+    assert torch.equal(canvas.sum[:, 3:39, 2:46], whole)
+    assert canvas.sum[:, :3].abs().sum() == 0 and canvas.sum[:, 39:].abs().sum() == 0
 
 
 @pytest.mark.parametrize("size", [(31, 23), (5, 90), (7, 9)])
@@ -57,3 +71,11 @@ def test_banded_resize_equals_bilinear_interpolate(size):
     assert len(bands) == -(-size[0] // 3)  # three rows a band
     out = torch.cat([b for _, _, b in bands], dim=1)
     assert torch.allclose(out, ref, atol=1e-12)
+
+
+def test_same_size_bands_are_views_of_the_maps():
+    x = torch.randn(4, 10, 6)
+    bands = list(resized_row_bands(x, 10, 6, max_elements=4 * 6 * 3))
+    assert [(y0, y1) for y0, y1, _ in bands] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert all(b.data_ptr() == x[:, y0].data_ptr() for y0, _, b in bands), "no copy for the identity resize"
+    assert torch.equal(torch.cat([b for _, _, b in bands], dim=1), x)

@@ -180,6 +180,20 @@ def test_check_finite_passes_finite_values_through():
     assert check_finite(a, "probabilities") is a
     labels = torch.zeros(5, dtype=torch.int64)
     assert check_finite(labels, "labels") is labels
+    # finite entries whose sum overflows are still finite
+    big = torch.full((4,), 3e38)
+    assert torch.isinf(big.sum()) and check_finite(big, "big") is big
+    assert check_finite(big.numpy(), "big") is not None
+
+
+@pytest.mark.parametrize("bad", [[INF, 1.0], [-INF, 3e38, 3e38], [INF, -INF], [NAN, 0.0]])
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_check_finite_finds_one_bad_entry_among_many(bad, kind):
+    values = torch.rand(50_000)
+    values[1234:1234 + len(bad)] = torch.tensor(bad)
+    data = values if kind == "torch" else values.numpy()
+    with pytest.raises(NumericalError, match=r"out of 50000"):
+        check_finite(data, "cosines")
 
 
 @pytest.mark.parametrize("kind", ["torch", "numpy", "float16"])
