@@ -147,7 +147,7 @@ class Segmenter:
 
         report(0.1, f"encoding {len(vocab.queries)} text queries")
         t0 = time.perf_counter()
-        text = self.text_cache.encode(clip, vocab.queries)
+        text = self.text_cache.encode(clip, vocab.queries, progress=lambda f, message: report(0.1 + 0.1 * f, message))
         timings["text"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

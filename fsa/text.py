@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import open_clip
 import torch
@@ -54,13 +54,16 @@ def prompts(name: str) -> list[str]:
 class TextFeatureCache:
     """Per-(model, name) text features; safe to share between threads.
 
-    ``names_per_batch`` names (x80 prompts) go through the text encoder at once.
+    ``names_per_batch`` names (x80 prompts) go through the text encoder at once. ``on_encoded`` is
+    called after a call that encoded new names, e.g. to give the text tower's freed activations back
+    to the OS before the image's work takes its share (the demo app does).
     """
 
-    def __init__(self, names_per_batch: int = 8) -> None:
+    def __init__(self, names_per_batch: int = 8, on_encoded: Optional[Callable[[], None]] = None) -> None:
         if names_per_batch < 1:
             raise ValueError("names_per_batch must be >= 1")
         self.names_per_batch = names_per_batch
+        self.on_encoded = on_encoded
         self._lock = threading.Lock()
         self._features: dict[tuple[str, str], torch.Tensor] = {}
 
@@ -97,4 +100,6 @@ class TextFeatureCache:
                     self._features[(clip.key, name)] = feature
             if missing:
                 report_progress(progress, 1.0, f"Encoded {len(missing)} class name(s)")
+                if self.on_encoded is not None:
+                    self.on_encoded()
             return torch.stack([self._features[(clip.key, n)] for n in names])

@@ -103,6 +103,17 @@ def test_batches_and_progress(clip, counting):
     assert messages[0] == (0.0, "Encoding class names 1-2 of 3") and messages[-1][0] == 1.0
 
 
+def test_on_encoded_runs_after_new_names_only(clip, counting):
+    calls = []
+    cache = TextFeatureCache(names_per_batch=1, on_encoded=lambda: calls.append(list(counting)))
+    cache.encode(clip, ["cat", "dog"])
+    assert calls == [[80, 80]], "once, after both batches"
+    cache.encode(clip, ["dog", "cat"])
+    assert len(calls) == 1, "nothing new: no call"
+    cache.encode(clip, ["cat", "bird"])
+    assert calls[-1] == [80, 80, 80] and len(calls) == 2
+
+
 def test_empty_names(clip):
     out = TextFeatureCache().encode(clip, [])
     assert out.shape == (0, 32)
