@@ -170,6 +170,8 @@ TEXT_CACHE_MAX_NAMES = 20_000
 #: PNG takes ~125 ms to encode at 640×480 and 490 KB, a JPEG ~3 ms and 90 KB. Masks, the compare grid
 #: and the Π chart stay PNG (exact class colours, text).
 HEATMAP_FORMAT = "jpeg"
+#: Classes the Π chart of a click shows at most (the most probable ones, when the vocabulary is longer).
+CHART_MAX_BARS = 12
 #: Sessions Gradio remembers at most (~110 KB of page config each, besides their state).
 SESSION_CAPACITY = 1000
 #: Width of one cell of the compare-all grid (fsa.visualize.compare_grid's default).
@@ -933,7 +935,8 @@ class DemoApp:
         new = viz.heatmap_overlay(image, win, exp.attn_new, patch)
         adapted = viz.heatmap_overlay(image, win, exp.head_view(exp.attn_ensemble, h), patch)
         similarity = viz.heatmap_overlay(image, win, exp.similarity, patch, kept=exp.kept)
-        chart = viz.class_bar_chart(exp.class_names, exp.class_probs, viz.class_colors(exp.class_names))
+        chart = viz.class_bar_chart(exp.class_names, exp.class_probs, viz.class_colors(exp.class_names),
+                                    max_bars=CHART_MAX_BARS)
         best = exp.class_names[int(np.argmax(exp.class_probs))]
         head_text = "mean over heads" if h is None else f"head {h + 1} of {exp.num_heads}"
         ih, iw = image.shape[:2]

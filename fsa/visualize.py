@@ -2,7 +2,7 @@
 
 Every function takes and returns plain numpy arrays: images are ``(H, W, 3) uint8`` RGB.
 Text is drawn with Pillow and the DejaVu Sans font that matplotlib ships (so any class name
-renders); charts use matplotlib's object API with the Agg canvas (no pyplot, thread-safe).
+renders); the logit chart uses matplotlib's object API with the Agg canvas (no pyplot, thread-safe).
 """
 from __future__ import annotations
 
@@ -299,30 +299,71 @@ def class_bar_chart(
     probs: np.ndarray,
     colors: Optional[np.ndarray] = None,
     title: str = "Π_i: class distribution of the query patch",
-    size: tuple[float, float] = (5.0, 3.0),
-    dpi: int = 100,
+    width: int = 500,
+    font_size: int = 13,
+    max_bars: Optional[int] = None,
 ) -> np.ndarray:
-    """Horizontal bar chart of one probability per class → ``(H, W, 3) uint8`` (Agg canvas)."""
-    from matplotlib.figure import Figure
+    """Horizontal bars of one probability per class → ``(H, W, 3) uint8``, ``width`` pixels wide.
 
+    Each row: the class name, a bar in the class colour on a 0..1 scale (0..max if a value exceeds
+    1), the value. ``max_bars``: with more classes than that, only the most probable ones, in
+    descending order, and the title says how many are shown. Drawn with PIL: a click's chart costs
+    about a millisecond (a Matplotlib figure took ~40 ms).
+    """
     probs = np.asarray(probs, dtype=np.float64).reshape(-1)
     if len(probs) != len(class_names):
         raise ValueError(f"{len(probs)} probabilities for {len(class_names)} classes")
+    if max_bars is not None and max_bars < 1:
+        raise ValueError(f"max_bars must be ≥ 1, got {max_bars}")
     colors = class_colors(class_names) if colors is None else np.asarray(colors)
-    height = max(size[1], 0.35 * len(class_names) + 1.0)
-    fig = Figure(figsize=(size[0], height), dpi=dpi)
-    ax = fig.add_subplot(1, 1, 1)
-    y = np.arange(len(class_names))
-    ax.barh(y, probs, color=np.asarray(colors[: len(probs)], dtype=np.float64) / 255.0, edgecolor="black")
-    ax.set_yticks(y, [str(n) for n in class_names])
-    ax.invert_yaxis()
-    ax.set_xlim(0.0, max(1.0, float(probs.max(initial=0.0))))
-    for yi, p in zip(y, probs):
-        ax.text(min(p, 0.82) + 0.01, yi, f"{p:.2f}", va="center", fontsize=9)
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel("probability")
-    fig.tight_layout()
-    return _figure_to_array(fig)
+    order = np.arange(len(probs))
+    if max_bars is not None and len(probs) > max_bars:
+        order = np.argsort(-probs, kind="stable")[:max_bars]
+        title = f"{title} ({max_bars} most likely of {len(probs)})"
+    font, small = _font(font_size), _font(max(8, font_size - 2))
+    pad, row_h, bar_h = 10, font_size + 11, font_size + 3
+    title_lines = _wrap(title, font, width - 2 * pad)
+    top = pad + len(title_lines) * (font_size + 5) + 6
+    names = [str(class_names[i]) for i in order]
+    name_w = min(int(0.4 * width), max((_text_width(font, n) for n in names), default=0))
+    names = [_ellipsize(n, font, name_w) for n in names]
+    value_w = _text_width(small, "0.00") + 8
+    x0 = pad + name_w + 8
+    x1 = max(x0 + 10, width - pad - value_w)
+    scale = max(1.0, float(probs.max(initial=0.0)))
+    height = top + len(order) * row_h + small.size + 16
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for k, line in enumerate(title_lines):
+        draw.text((pad, pad + k * (font_size + 5)), line, fill=(0, 0, 0), font=font)
+    for row, (i, name) in enumerate(zip(order, names)):
+        y = top + row * row_h
+        yb = y + (row_h - bar_h) // 2
+        draw.text((x0 - 8 - _text_width(font, name), y + (row_h - font_size) // 2 - 1), name, fill=(0, 0, 0),
+                  font=font)
+        draw.rectangle([x0, yb, x1, yb + bar_h - 1], fill=(240, 240, 240))
+        end = x0 + int(round((x1 - x0) * max(0.0, float(probs[i])) / scale))
+        if end > x0:
+            draw.rectangle([x0, yb, end, yb + bar_h - 1], fill=tuple(int(c) for c in colors[i]), outline=(0, 0, 0))
+        draw.text((x1 + 6, y + (row_h - small.size) // 2 - 1), f"{probs[i]:.2f}", fill=(0, 0, 0), font=small)
+    axis_y = top + len(order) * row_h + 2
+    draw.line([x0, axis_y, x1, axis_y], fill=(0, 0, 0))
+    for tick in (0.0, 0.5, 1.0):
+        tx = x0 + int(round((x1 - x0) * tick))
+        label = f"{tick * scale:g}"
+        draw.line([tx, axis_y, tx, axis_y + 3], fill=(0, 0, 0))
+        draw.text((min(tx - _text_width(small, label) // 2, width - pad - _text_width(small, label)), axis_y + 4),
+                  label, fill=(60, 60, 60), font=small)
+    return np.asarray(canvas)
+
+
+def _ellipsize(text: str, font, width: int) -> str:
+    """``text``, cut with an ellipsis to fit ``width`` pixels."""
+    if _text_width(font, text) <= width:
+        return text
+    while text and _text_width(font, text + "…") > width:
+        text = text[:-1]
+    return text + "…"
 
 
 def _fit(image: np.ndarray, width: int) -> np.ndarray:

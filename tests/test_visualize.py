@@ -136,14 +136,36 @@ def test_heatmap_overlay_accepts_window_objects_and_constant_maps():
 
 def test_class_bar_chart_uses_class_colours():
     colors = np.array([[230, 25, 75], [0, 130, 200]], np.uint8)
-    chart = viz.class_bar_chart(["cat", "dog"], np.array([0.8, 0.2]), colors)
-    assert chart.ndim == 3 and chart.shape[2] == 3 and chart.dtype == np.uint8
-    assert chart.shape[0] >= 200 and chart.shape[1] >= 400
-    red = np.all(chart == colors[0], axis=-1).sum()
-    blue = np.all(chart == colors[1], axis=-1).sum()
-    assert red > 3 * blue > 0, "bar areas should follow the probabilities"
+    chart = viz.class_bar_chart(["cat", "dog"], np.array([0.8, 0.2]), colors, width=420)
+    assert chart.ndim == 3 and chart.shape[1] == 420 and chart.dtype == np.uint8
+    red = np.all(chart == colors[0], axis=-1)
+    blue = np.all(chart == colors[1], axis=-1)
+    # bars are as long as their probabilities: 0.8 vs 0.2 of the same scale
+    red_len, blue_len = red.sum(axis=1).max(), blue.sum(axis=1).max()
+    assert abs(red_len / blue_len - 4.0) < 0.25
+    assert red.any(axis=1).nonzero()[0].max() < blue.any(axis=1).nonzero()[0].min(), "vocabulary order, top down"
     with pytest.raises(ValueError):
         viz.class_bar_chart(["cat"], np.array([0.5, 0.5]))
+    with pytest.raises(ValueError, match="max_bars"):
+        viz.class_bar_chart(["cat"], np.array([1.0]), max_bars=0)
+
+
+def test_class_bar_chart_shows_the_most_probable_when_there_are_many():
+    names = [f"class {i}" for i in range(40)]
+    probs = np.full(40, 0.5 / 37)
+    probs[[7, 30, 2]] = [0.25, 0.15, 0.1]
+    colors = viz.palette(40)
+    full = viz.class_bar_chart(names, probs, colors)
+    top = viz.class_bar_chart(names, probs, colors, max_bars=3)
+    assert top.shape[0] < full.shape[0] / 5, "three rows, not forty"
+
+    def first_row(chart, i):
+        rows = np.all(chart == colors[i], axis=-1).any(axis=1).nonzero()[0]
+        return rows.min() if rows.size else None
+
+    assert first_row(top, 7) < first_row(top, 30) < first_row(top, 2), "descending probability"
+    assert all(first_row(top, i) is None for i in range(40) if i not in (7, 30, 2))
+    assert all(first_row(full, i) is not None for i in range(40))
 
 
 def test_compare_grid_layout():
