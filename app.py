@@ -1147,6 +1147,12 @@ class DemoApp:
         return dict(similarity=similarity or PAPER_SIMILARITY, iterations=parse_iterations(iterations),
                     blocks=parse_blocks(blocks, lambda: self.tower_depth(backbone)))
 
+    def feedback_steps_if_shown(self, record, iteration, head, shown: bool):
+        """`feedback_steps` while its section is open; otherwise nothing is drawn and the outputs stay."""
+        if not shown:
+            return gr.skip(), gr.skip(), gr.skip()
+        return self.feedback_steps(record, iteration, head)
+
     def feedback_steps(self, record, iteration, head):
         """"Feedback step by step": the 7 pictures (with their lines as captions) of one feedback pass for the
         clicked patch, the lines as text, and the pass selector. No network run."""
@@ -1289,7 +1295,7 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
             score_errors = gr.Image(label="Error maps (red: wrong)", type="numpy", format="png", interactive=False,
                                     elem_id="score-errors")
             api_score = gr.Button("api-score", visible=False)
-        with gr.Accordion("Explore beyond the paper", open=False, elem_id="beyond-section"):
+        with gr.Accordion("Explore beyond the paper", open=False, elem_id="beyond-section") as beyond_section:
             gr.Markdown(BEYOND_INTRO)
             with gr.Row():
                 beyond_similarity = gr.Radio(SIMILARITY_CHOICES, value=PAPER_SIMILARITY, elem_id="beyond-similarity",
@@ -1358,9 +1364,16 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
         # Feedback step by step: redrawn whenever the clicked-patch description changes (a click, the head
         # selector, or a new run that clears it) and when another pass is picked.
         steps_outputs = [steps_gallery, steps_text, steps_pass]
+        # Drawn only while the section is open (it costs several times a click): on opening, and then on
+        # every change; closed, a click leaves the gallery as it was.
         steps_job = dict(api_visibility="private", concurrency_limit=4)
-        attn_info.change(wrap(app.feedback_steps), [record, steps_pass, head], steps_outputs, **steps_job)
-        steps_pass.input(wrap(app.feedback_steps), [record, steps_pass, head], steps_outputs, **steps_job)
+        steps_inputs = [record, steps_pass, head]
+        steps_shown = gr.State(False)
+        beyond_section.expand(lambda: True, None, steps_shown, api_visibility="private", queue=False).then(
+            wrap(app.feedback_steps), steps_inputs, steps_outputs, **steps_job)
+        beyond_section.collapse(lambda: False, None, steps_shown, api_visibility="private", queue=False)
+        attn_info.change(wrap(app.feedback_steps_if_shown), steps_inputs + [steps_shown], steps_outputs, **steps_job)
+        steps_pass.input(wrap(app.feedback_steps), steps_inputs, steps_outputs, **steps_job)
 
 
         async def end_session(request: gr.Request) -> None:

@@ -322,8 +322,9 @@ def class_bar_chart(
         title = f"{title} ({max_bars} most likely of {len(probs)})"
     font, small = _font(font_size), _font(max(8, font_size - 2))
     pad, row_h, bar_h = 10, font_size + 11, font_size + 3
+    title_top = pad + 16  # clear of the label an image component draws in its top-left corner
     title_lines = _wrap(title, font, width - 2 * pad)
-    top = pad + len(title_lines) * (font_size + 5) + 6
+    top = title_top + len(title_lines) * (font_size + 5) + 6
     names = [str(class_names[i]) for i in order]
     name_w = min(int(0.4 * width), max((_text_width(font, n) for n in names), default=0))
     names = [_ellipsize(n, font, name_w) for n in names]
@@ -335,7 +336,8 @@ def class_bar_chart(
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for k, line in enumerate(title_lines):
-        draw.text((pad, pad + k * (font_size + 5)), line, fill=(0, 0, 0), font=font)
+        draw.text(((width - _text_width(font, line)) // 2, title_top + k * (font_size + 5)), line, fill=(0, 0, 0),
+                  font=font)
     for row, (i, name) in enumerate(zip(order, names)):
         y = top + row * row_h
         yb = y + (row_h - bar_h) // 2

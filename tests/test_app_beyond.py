@@ -206,3 +206,16 @@ def test_page_has_the_section_closed_with_labelled_switches(app):
     # the section comes after the existing ones
     order = [b.elem_id for b in demo.blocks.values() if isinstance(b, gr.Accordion)]
     assert order[-1] == "beyond-section"
+
+
+def test_steps_are_drawn_only_while_their_section_is_open(app, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(app, "feedback_steps", lambda *args: drawn.append(args) or ("g", "t", "p"))
+    assert app.feedback_steps_if_shown("rec", "pass 1", None, False) == (gr.skip(),) * 3
+    assert drawn == []
+    assert app.feedback_steps_if_shown("rec", "pass 1", None, True) == ("g", "t", "p")
+    assert drawn == [("rec", "pass 1", None)]
+    demo = demo_app.build_demo(app)
+    section = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "beyond-section")
+    triggers = {(t[0], t[1]) for dep in demo.fns.values() for t in dep.targets}
+    assert (section._id, "expand") in triggers and (section._id, "collapse") in triggers

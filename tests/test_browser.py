@@ -127,6 +127,21 @@ def test_segment_click_and_see_attention(page, shots):
     page.wait_for_function(
         "([sel, old]) => document.querySelector(sel).innerText !== old", arg=["#attn-info", first_info])
     assert "Query patch" in info.inner_text() and info.inner_text() != first_info
+
+    # the step-by-step view is drawn when its section opens (closed, clicks skip it) ...
+    steps_text = page.locator("#steps-text")
+    page.locator("#beyond-section").get_by_text("Explore beyond the paper").first.click()
+    page.wait_for_function("() => document.querySelector('#steps-text').innerText.includes('Pass 1 of 1')")
+    assert page.locator("#steps-gallery img").count() >= 1
+    first_steps = steps_text.inner_text()
+    page.locator("#steps-gallery").scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "3_steps.png"), full_page=True)
+    # ... and redrawn on a click while it is open
+    mask.scroll_into_view_if_needed()
+    mask.click(position={"x": box["width"] * 0.15, "y": box["height"] * 0.3})  # the picture, not its legend
+    page.wait_for_function(
+        "([sel, old]) => document.querySelector(sel).innerText !== old", arg=["#steps-text", first_steps])
+    assert "Pass 1 of 1" in steps_text.inner_text()
     assert "Traceback" not in page.content()
 
 
