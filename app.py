@@ -119,7 +119,7 @@ class RuntimeLimits:
     `python -m fsa loadtest`, see the README).
     """
 
-    #: FSA_CONCURRENCY: forward passes at once (each holds ~1 GB at its peak).
+    #: FSA_CONCURRENCY: forward passes at once (each up to ~0.6 GB above the server's level on ViT-B/16).
     concurrency: int = 1
     #: FSA_SESSION_TTL: seconds a session keeps its last pass after its last request; dropped at
     #: once when the page is closed.
@@ -130,9 +130,10 @@ class RuntimeLimits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     #: FSA_MAX_CLASSES: text queries (class names and synonyms) at most, for a working image of
     #: `CLASS_BUDGET_PIXELS`; larger working images get proportionally fewer. The score maps cost
-    #: ~36 bytes per query and working pixel at the peak (two float32 canvases, their mean, the
-    #: softmax bands and the per-class probabilities of both results): measured +1.43 GB for 150
-    #: queries on a 2000×1500 photo (597×448 working pixels). 150: ADE20K's vocabulary fits.
+    #: ~8 bytes per query and working pixel (two float32 canvases, baseline and FSA, averaged in place;
+    #: the decision works on 16 MB bands), besides the text tower's activations while new names are
+    #: encoded: measured +584 MB with ViT-B/16 for 150 new queries on a 2000×1500 photo (597×448
+    #: working pixels). 150: ADE20K's vocabulary fits; encoding 150 new names takes ~1 min on 2 vCPUs.
     max_classes: int = 150
     #: FSA_TEMP_TTL: seconds Gradio's temp files (uploads, the PNGs sent back) are kept.
     temp_ttl: float = 900.0

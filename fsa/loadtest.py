@@ -237,6 +237,12 @@ class LoadTest:
     def clicks(self) -> None:
         clicker = self.client()
         self.segment(clicker, "small")  # the clicker's cached pass
+        rng = random.Random(1)
+        idle = []
+        for _ in range(10):  # the same clicks with nothing else running, for comparison
+            t0 = time.monotonic()
+            self.attention(clicker, "small", rng.uniform(0, 639), rng.uniform(0, 479))
+            idle.append(time.monotonic() - t0)
         workers = [self.client() for _ in range(self.args.clients)]
         stop = threading.Event()
         latencies: list[float] = []
@@ -266,8 +272,8 @@ class LoadTest:
         for client in workers + [clicker]:
             client.close()
         note = (f"click p50 {percentile(latencies, 50) * 1000:.0f} ms, p95 {percentile(latencies, 95) * 1000:.0f} ms "
-                f"({len(latencies)} clicks); /segment p50 {percentile(segment_times, 50):.1f} s under "
-                f"{self.args.clients} sessions")
+                f"({len(latencies)} clicks; idle p50 {percentile(idle, 50) * 1000:.0f} ms); /segment p50 "
+                f"{percentile(segment_times, 50):.1f} s under {self.args.clients} sessions")
         self._row(f"{self.args.clients} sessions segmenting + clicks", len(segment_times) + len(latencies), before,
                   start, note)
 
