@@ -1,10 +1,17 @@
-"""Helpers shared by the app's test modules: a free port, an in-process server, a forward-pass spy."""
+"""Helpers shared by the app's test modules: a free port, an in-process server, bad uploads, a
+forward-pass spy."""
 from __future__ import annotations
 
+import io
 import socket
 from contextlib import contextmanager
+from pathlib import Path
+
+from PIL import Image
 
 import app as demo_app
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -14,16 +21,39 @@ def free_port() -> int:
 
 
 @contextmanager
-def launched_app(short_side: int = 64):
-    """(DemoApp, url) of the demo launched in this process; closed on exit."""
-    app = demo_app.DemoApp(short_side=short_side)
+def launched_demo(short_side: int = 64, limits: "demo_app.RuntimeLimits | None" = None):
+    """(DemoApp, Blocks, url) of the demo launched in this process as `python app.py` launches it (limits
+    from the environment unless given); closed on exit."""
+    app = demo_app.DemoApp(short_side=short_side, limits=limits)
     demo = demo_app.build_demo(app)
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
                 **demo_app.launch_options(app.limits))
     try:
-        yield app, demo.local_url
+        yield app, demo, demo.local_url
     finally:
         demo.close()
+
+
+@contextmanager
+def launched_app(short_side: int = 64):
+    """(DemoApp, url) of `launched_demo`."""
+    with launched_demo(short_side) as (app, _, url):
+        yield app, url
+
+
+def write_bad_images(folder: Path) -> dict[str, Path]:
+    """A good 96×64 photo and the uploads the load test found failing: a text file named .png, an
+    empty file, a JPEG cut in half. → name ("photo", "text", "empty", "truncated") → path."""
+    photo = Image.open(REPO / "examples" / "coffee.jpg").convert("RGB")
+    paths = {"photo": folder / "coffee_small.png", "text": folder / "notes.png", "empty": folder / "empty.png",
+             "truncated": folder / "cut.jpg"}
+    photo.resize((96, 64)).save(paths["photo"])
+    paths["text"].write_text("this is a text file renamed .png\n")
+    paths["empty"].write_bytes(b"")
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=90)
+    paths["truncated"].write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    return paths
 
 
 def count_compare_calls(app: "demo_app.DemoApp", monkeypatch) -> list:

@@ -4,7 +4,7 @@
 (palette for VOC, grey otherwise) with a 255 border and random class blocks, and returns the
 ``(id, label)`` pairs in listing order with each label in the metric's space (after
 reduce_zero_label), computed here independently of the code under test. ``make_raw_coco`` and
-``make_raw_cityscapes`` write raw downloads for the converters.
+``make_raw_cityscapes`` write raw downloads for the converters; ``same_scores`` compares two results.
 """
 from __future__ import annotations
 
@@ -17,6 +17,15 @@ from PIL import Image
 from fsa.evaluation.datasets import BENCHMARKS
 
 DEFAULT_SIZES = ((375, 500), (333, 500), (281, 417))
+#: Image sizes and evaluator settings of the quick evaluations in the runner and sweep tests.
+SMALL_SIZES = ((75, 100), (67, 100), (56, 83), (90, 61))
+FAST = dict(backbone="tiny-test", short_side=64, progress=False)
+
+
+def same_scores(a, b) -> bool:
+    """Scores equal field by field, NaN equal to NaN (classes absent everywhere)."""
+    return all(np.array_equal(np.asarray(getattr(a, f)), np.asarray(getattr(b, f)), equal_nan=True)
+               for f in ("miou", "aacc", "macc", "iou", "acc"))
 CITIES = ("frankfurt", "lindau", "munster")
 BLOCK = 16  # label blocks, pixels
 BORDER = 3  # 255 border, pixels

@@ -3,7 +3,6 @@ the memory budgets, the small per-session record, compare-all one method at a ti
 from __future__ import annotations
 
 import gc
-import io
 import weakref
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from PIL import Image
 
 import app as demo_app
+from _app_fixtures import write_bad_images
 from fsa.config import METHOD_DEFAULTS, METHODS
 from fsa.images import read_bounded, working_size
 
@@ -30,17 +30,11 @@ def app():
 def files(tmp_path_factory):
     """Paths of a good photo, a big photo and the bad inputs the load test found."""
     folder = tmp_path_factory.mktemp("uploads")
+    paths = write_bad_images(folder)
     photo = Image.open(REPO / "examples" / "coffee.jpg").convert("RGB")
-    paths = {"photo": folder / "coffee_small.png", "big": folder / "coffee_big.jpg", "big_png": folder / "big.png",
-             "text": folder / "notes.png", "empty": folder / "empty.png", "truncated": folder / "cut.jpg"}
-    photo.resize((96, 64)).save(paths["photo"])
+    paths["big"], paths["big_png"] = folder / "coffee_big.jpg", folder / "big.png"
     photo.resize((1500, 1000), Image.Resampling.BICUBIC).save(paths["big"], quality=92)
     photo.resize((1500, 1000)).save(paths["big_png"])
-    paths["text"].write_text("this is a text file renamed .png\n")
-    paths["empty"].write_bytes(b"")
-    buffer = io.BytesIO()
-    photo.save(buffer, format="JPEG", quality=90)
-    paths["truncated"].write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     return {k: str(v) for k, v in paths.items()}
 
 

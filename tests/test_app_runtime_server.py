@@ -3,11 +3,9 @@ session state dropped on TTL and when the client leaves, the temp folder swept, 
 and cached clicks answering while a forward pass holds the model."""
 from __future__ import annotations
 
-import io
 import json
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -18,23 +16,15 @@ from gradio_client.utils import Status
 from PIL import Image
 
 import app as demo_app
-from _app_fixtures import free_port
+from _app_fixtures import launched_demo, write_bad_images
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = "cup, table"
 
 
-@contextmanager
 def launched(limits=None):
-    """(DemoApp, Blocks, url) of the demo launched in this process, as `python app.py` launches it."""
-    app = demo_app.DemoApp(short_side=64, limits=limits or demo_app.RuntimeLimits())
-    demo = demo_app.build_demo(app)
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
-                **demo_app.launch_options(app.limits))
-    try:
-        yield app, demo, demo.local_url
-    finally:
-        demo.close()
+    """`launched_demo` with these limits (the defaults, whatever the environment says)."""
+    return launched_demo(limits=limits or demo_app.RuntimeLimits())
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +36,9 @@ def server():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("uploads")
-    photo = Image.open(REPO / "examples" / "coffee.jpg").convert("RGB")
-    paths = {"photo": folder / "coffee_small.png", "other": folder / "cat_small.png", "text": folder / "notes.png",
-             "empty": folder / "empty.png", "truncated": folder / "cut.jpg"}
-    photo.resize((96, 64)).save(paths["photo"])
+    paths = write_bad_images(folder)
+    paths["other"] = folder / "cat_small.png"
     Image.open(REPO / "examples" / "chelsea_cat.jpg").convert("RGB").resize((64, 80)).save(paths["other"])
-    paths["text"].write_text("this is a text file renamed .png\n")
-    paths["empty"].write_bytes(b"")
-    buffer = io.BytesIO()
-    photo.save(buffer, format="JPEG", quality=90)
-    paths["truncated"].write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     return {k: str(v) for k, v in paths.items()}
 
 

@@ -14,11 +14,9 @@ import fsa
 from fsa.evaluation import datasets
 from fsa.evaluation.records import RecordError
 from fsa.evaluation.runner import EvalConfig, Evaluator, evaluate
-from tests._eval_data import make_dataset
+from tests._eval_data import FAST, SMALL_SIZES, make_dataset, same_scores
 
 REPO = Path(__file__).resolve().parents[1]
-SIZES = ((75, 100), (67, 100), (56, 83), (90, 61))
-FAST = dict(backbone="tiny-test", short_side=64, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +27,9 @@ def cache():
 @pytest.fixture(scope="module")
 def voc(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    truth = make_dataset(root, "voc21", n=4, sizes=SIZES, seed=1)
-    make_dataset(root, "voc20", n=4, sizes=SIZES, seed=1)  # the same files: voc20 reads them reduced
+    truth = make_dataset(root, "voc21", n=4, sizes=SMALL_SIZES, seed=1)
+    make_dataset(root, "voc20", n=4, sizes=SMALL_SIZES, seed=1)  # the same files: voc20 reads them reduced
     return root, truth
-
-
-def _same(a, b) -> bool:
-    """Scores equal field by field, NaN equal to NaN (classes absent everywhere)."""
-    return all(np.array_equal(np.asarray(getattr(a, f)), np.asarray(getattr(b, f)), equal_nan=True)
-               for f in ("miou", "aacc", "macc", "iou", "acc"))
 
 
 def _confusion_miou(preds, labels, c):
@@ -84,7 +76,7 @@ def test_probability_threshold_only_where_there_is_a_background(voc, cache):
     root, _ = voc
     plain = evaluate("voc20", root, "clearclip", cache=cache, fsa=False, **FAST)
     thresholded = evaluate("voc20", root, "clearclip", cache=cache, fsa=False, prob_thd=0.99, **FAST)
-    assert _same(thresholded.baseline, plain.baseline)  # voc20 has no background class
+    assert same_scores(thresholded.baseline, plain.baseline)  # voc20 has no background class
     voc21 = evaluate("voc21", root, "clearclip", cache=cache, fsa=False, prob_thd=0.99, **FAST)
     # the tiny model is never 99 % sure: every pixel becomes background (0), so only class 0 has area
     assert voc21.baseline.iou[1:] == tuple(0.0 if not np.isnan(v) else v for v in voc21.baseline.iou[1:])
@@ -114,13 +106,13 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(voc, tmp_path, cache, m
     monkeypatch.setattr(Evaluator, "predict", counting)
     resumed = evaluate("voc21", root, "naclip", cache=cache, output=tmp_path, resume=True, **FAST)
     assert len(computed) == 2  # only the two images the killed run had not scored
-    assert _same(resumed.baseline, full.baseline) and _same(resumed.fsa, full.fsa) and resumed.images == 4
+    assert same_scores(resumed.baseline, full.baseline) and same_scores(resumed.fsa, full.fsa) and resumed.images == 4
     with pytest.raises(RecordError, match="other settings"):
         evaluate("voc21", root, "naclip", cache=cache, output=tmp_path, resume=True, p=0.3, **FAST)
 
 
 def test_bad_data_stops_with_the_file_name_or_is_skipped(tmp_path, cache):
-    truth = make_dataset(tmp_path, "voc21", n=4, sizes=SIZES, seed=2)
+    truth = make_dataset(tmp_path, "voc21", n=4, sizes=SMALL_SIZES, seed=2)
     bench = datasets.get_benchmark("voc21")
     samples = datasets.list_samples(bench, tmp_path)
     samples[1].image.write_bytes(b"not a jpeg at all")

@@ -38,11 +38,9 @@ from fsa.evaluation.runner import EvalConfig, Evaluator, evaluate
 from fsa.evaluation.sweep import SweepError, normalize_sweep, parse_sweep_option, sweep_grid
 from fsa.inference import window_cosines
 from fsa.logits import compute_patch_logits, compute_sweep_logits
-from tests._eval_data import make_dataset
+from tests._eval_data import FAST, SMALL_SIZES, make_dataset, same_scores
 
 REPO = Path(__file__).resolve().parents[1]
-SIZES = ((75, 100), (67, 100), (56, 83), (90, 61))
-FAST = dict(backbone="tiny-test", short_side=64, progress=False)
 NOT_PROXY = tuple(m for m in fsa.METHODS if m != "proxyclip")
 
 
@@ -250,13 +248,8 @@ def cache():
 @pytest.fixture(scope="module")
 def voc(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    make_dataset(root, "voc21", n=4, sizes=SIZES, seed=1)
+    make_dataset(root, "voc21", n=4, sizes=SMALL_SIZES, seed=1)
     return root
-
-
-def _same(a, b) -> bool:
-    return all(np.array_equal(np.asarray(getattr(a, f)), np.asarray(getattr(b, f)), equal_nan=True)
-               for f in ("miou", "aacc", "macc", "iou", "acc"))
 
 
 @pytest.fixture
@@ -283,8 +276,8 @@ def test_sweep_scores_equal_separate_evaluations(voc, cache, encoder_images, tmp
     for lam in (1, 5):
         for p in (0.3, 1.0):
             alone = evaluate("voc21", voc, "clearclip", cache=cache, lam=lam, p=p, **FAST)
-            assert _same(grid.sweep[f"fsa[lam={lam},p={p:g}]"], alone.fsa), (lam, p)
-            assert _same(grid.baseline, alone.baseline)
+            assert same_scores(grid.sweep[f"fsa[lam={lam},p={p:g}]"], alone.fsa), (lam, p)
+            assert same_scores(grid.baseline, alone.baseline)
             if (lam, p) == (1, 0.3):
                 n_single = sum(encoder_images)
     assert n_sweep == n_single > 0, "one encoder pass per window serves the baseline and every setting"
@@ -309,9 +302,9 @@ def test_switches_in_a_sweep_equal_one_setting_sweeps(voc, cache):
         values = dict(item.split("=") for item in key[4:-1].split(","))
         one = evaluate("voc21", voc, "clearclip", cache=cache, limit=2,
                        sweep=tuple((axis, (value,)) for axis, value in values.items()), **FAST)
-        assert _same(one.sweep[key], grid.sweep[key]) and _same(one.baseline, grid.baseline)
+        assert same_scores(one.sweep[key], grid.sweep[key]) and same_scores(one.baseline, grid.baseline)
     paper = evaluate("voc21", voc, "clearclip", cache=cache, limit=2, **FAST)
-    assert _same(grid.sweep["fsa[similarity=kl,iterations=1,blocks=last]"], paper.fsa)
+    assert same_scores(grid.sweep["fsa[similarity=kl,iterations=1,blocks=last]"], paper.fsa)
 
 
 def test_fsa_preset_with_other_windows_and_decision(voc, cache, encoder_images, monkeypatch):
@@ -328,11 +321,11 @@ def test_fsa_preset_with_other_windows_and_decision(voc, cache, encoder_images, 
     encoder_images.clear()
     alone = evaluate("voc21", voc, "clearclip", cache=cache, lam=5, **FAST)
     assert n_sweep == sum(encoder_images) > n_base > 0
-    assert _same(grid.sweep["fsa[lam=5,pruning=on]"], alone.fsa) and _same(grid.baseline, base.baseline)
-    assert _same(grid.baseline, alone.baseline)
+    assert same_scores(grid.sweep["fsa[lam=5,pruning=on]"], alone.fsa) and same_scores(grid.baseline, base.baseline)
+    assert same_scores(grid.baseline, alone.baseline)
     monkeypatch.delitem(presets.FSA_CHANGES, ("clearclip", "voc21"))
     plain = evaluate("voc21", voc, "clearclip", cache=cache, lam=5, **FAST)
-    assert not _same(plain.fsa, alone.fsa), "the FSA preset must matter in this test"
+    assert not same_scores(plain.fsa, alone.fsa), "the FSA preset must matter in this test"
 
 
 def test_resume_a_sweep_after_a_kill(voc, tmp_path, cache, monkeypatch):
@@ -360,8 +353,8 @@ def test_resume_a_sweep_after_a_kill(voc, tmp_path, cache, monkeypatch):
     monkeypatch.setattr(Evaluator, "predict", counting)
     resumed = evaluate("voc21", voc, "naclip", cache=cache, sweep=sweep, output=tmp_path, resume=True, **FAST)
     assert len(computed) == 2 and resumed.images == 4
-    assert _same(resumed.baseline, full.baseline) and resumed.sweep.keys() == full.sweep.keys()
-    assert all(_same(resumed.sweep[k], full.sweep[k]) for k in full.sweep)
+    assert same_scores(resumed.baseline, full.baseline) and resumed.sweep.keys() == full.sweep.keys()
+    assert all(same_scores(resumed.sweep[k], full.sweep[k]) for k in full.sweep)
     saved = json.loads((tmp_path / "result.json").read_text())
     assert [row["key"] for row in saved["sweep"]] == list(full.sweep)
     for other in ((("lam", (1, 5)),), (("lam", (1, 5)), ("similarity", ("kl", "sym_kl"))), ()):
