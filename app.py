@@ -339,6 +339,11 @@ def image_digest(image) -> str:
     return h.hexdigest()
 
 
+def run_key(image, vocabulary: str, backbone: str, settings) -> tuple:
+    """What a `RunRecord` was made for: a later request with the same key may reuse its pass."""
+    return image_digest(image), vocabulary, backbone, settings
+
+
 def parse_head(value: Optional[str]) -> Optional[int]:
     """Head selector value → None (mean) or a 0-based head index."""
     if not value or value == MEAN_HEADS:
@@ -869,11 +874,19 @@ class DemoApp:
             self._last_trim = now
         threading.Thread(target=release_freed_memory, name="malloc-trim", daemon=True).start()
 
+    def _default_pass(self, record, image, vocabulary, method, progress) -> RunRecord:
+        """The session's `record` when it was made for this image, vocabulary and method with FSA's default
+        settings on the default backbone (no decoding, no model); else a new pass with those settings."""
+        settings = self.settings(method, True, True, True, True, default_lambda(self.default_backbone), 0.45)
+        if record is not None and record.key == run_key(image, vocabulary, self.default_backbone, settings):
+            return record
+        return self._run(image, vocabulary, None, settings, progress)[0]
+
     def _run(self, image, vocabulary, backbone, settings, progress) -> tuple[RunRecord, tuple, str]:
         """One forward pass for a session → (its RunRecord, the two mask images, the summary line)."""
         backbone = backbone or self.default_backbone
         decoded, (fitted,) = self._prepare(image, vocabulary, backbone, [settings])
-        key = (image_digest(image), vocabulary, backbone, settings)
+        key = run_key(image, vocabulary, backbone, settings)
         with self._model_slot(progress):
             baseline, fsa_result = self._infer(backbone, decoded.rgb, vocabulary, fitted, progress)
         masks = self.mask_images(baseline, fsa_result)
@@ -992,10 +1005,7 @@ class DemoApp:
         self._check_inputs(image, vocabulary)
         if x is None or y is None:
             raise gr.Error("Give the x and y pixel coordinates of the query point.")
-        settings = self.settings(method, True, True, True, True, default_lambda(self.default_backbone), 0.45)
-        key = (image_digest(image), vocabulary, self.default_backbone, settings)
-        if record is None or record.key != key:
-            record = self._run(image, vocabulary, None, settings, progress)[0]
+        record = self._default_pass(record, image, vocabulary, method, progress)
         record = self._with_point(record, float(x), float(y), from_input=True)
         return self.attention_outputs(record, head)[:6] + (record,)
 
@@ -1107,10 +1117,7 @@ class DemoApp:
         self._check_inputs(image, vocabulary)
         if not reference:
             raise gr.Error("Give a reference mask file (PNG).", title="No reference mask")
-        settings = self.settings(method, True, True, True, True, default_lambda(self.default_backbone), 0.45)
-        key = (image_digest(image), vocabulary, self.default_backbone, settings)
-        if record is None or record.key != key:
-            record = self._run(image, vocabulary, None, settings, progress)[0]
+        record = self._default_pass(record, image, vocabulary, method, progress)
         return self.score(record, reference) + (record,)
 
     # -- sessions -----------------------------------------------------------------------------
