@@ -1,29 +1,24 @@
-"""Shared fixtures: the golden tiny CLIP of ../shared/golden and small random inputs."""
+"""Shared fixtures: the golden outputs of the published code (tests/data, see its README) and small random
+inputs."""
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+
+from _golden import load_golden
 
 os.environ.setdefault("FSA_MODEL", "tiny-test")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("FSA_GOLDEN", REPO.parent / "shared" / "golden" / "published_tiny.npz"))
 
 
 @pytest.fixture(scope="session")
 def golden():
-    """The npz of published outputs; skipped (not failed) only outside CI when shared/ is absent."""
-    if not GOLDEN.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"golden file missing: {GOLDEN}")
-        pytest.skip(f"golden file missing: {GOLDEN}")
-    return np.load(GOLDEN)
+    """The npz of published outputs of the methods on a tiny CLIP."""
+    return load_golden("published_tiny.npz")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Naive float64 reference of /work/shared/method.md (§1 positional embedding, §2 last-block
+"""Naive float64 reference of docs/method.md (§1 positional embedding, §2 last-block
 variants, §3 FSA, §4 GCLIP), written straight from the text for the verification suite.
 
 Clarity over speed, and deliberately independent of the `fsa` package:

@@ -1,4 +1,4 @@
-"""Agreement with the published code (../shared/golden/published_tiny.npz), float64.
+"""Agreement with the published code (tests/data/published_tiny.npz), float64.
 
 - `fsa.patch_logits` equals every golden output within 1e-9 (max abs);
 - the naive reference (tests/reference.py, written from method.md) equals them too, which

@@ -1,6 +1,6 @@
 """fsa.proxies: the proxy feature extractor (tiny random ViT; the real ones need hub weights).
 
-Golden: /work/shared/golden/published_dino_small.npz holds features of a small random DINO computed by
+Golden: tests/data/published_dino_small.npz holds features of a small random DINO computed by
 the published facebookresearch/dino model file (see the README there).
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+from _golden import load_golden
 from fsa.images import CLIP_PIXEL_MEAN_255, CLIP_PIXEL_STD_255
 from fsa.proxies import (
     ProxyModel,
@@ -29,7 +30,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-GOLDEN_DINO = Path("/work/shared/golden/published_dino_small.npz")
 
 
 def _chan(values, dtype=torch.float64) -> torch.Tensor:
@@ -84,9 +84,7 @@ def proxy64() -> ProxyModel:
 
 @pytest.fixture(scope="module")
 def golden():
-    if not GOLDEN_DINO.is_file():
-        pytest.skip(f"golden file {GOLDEN_DINO} not available")
-    return np.load(GOLDEN_DINO)
+    return load_golden("published_dino_small.npz")
 
 
 @pytest.fixture(scope="module")
