@@ -39,8 +39,9 @@ def test_spacefile_parses_and_runs_app_py():
     assert (REPO / "app.py").is_file()
 
 
-def test_readme_says_deta_space_is_closed():
-    assert re.search(r"Deta Space (shut down|closed)[^.]*2024", README)
+def test_deployment_page_says_deta_space_is_closed():
+    deployment = (REPO / "docs" / "deployment.md").read_text(encoding="utf-8")
+    assert re.search(r"Deta Space (shut down|closed)[^.]*2024", deployment)
 
 
 def test_space_front_matter():
