@@ -315,8 +315,8 @@ class ProxyModel:
 
     @torch.no_grad()
     def features(self, rgb01: torch.Tensor, crop: Optional[int] = None) -> torch.Tensor:
-        """(B, 3, H, W) RGB in [0, 1] -> (B, C, rows, cols) patch features, float32 (float64 from a
-        float64 model).
+        """(B, 3, H, W) RGB in [0, 1] -> (B, C, rows, cols) patch features, float32 (float64 when both
+        ``rgb01`` and the model are float64).
 
         ``(rgb01 - mean) / std`` with ImageNet's mean/std in float32 (wider if ``rgb01`` is), then
         :meth:`encode`. Any H, W >= patch (non-square included); DINO/DINOv2 drop trailing
@@ -334,7 +334,8 @@ class ProxyModel:
         if work != torch.float32:  # the constants themselves in the wider dtype, not float32 ones widened
             mean, std = _channels(self.mean_rgb, work, self.device), _channels(self.std_rgb, work, self.device)
         x = (x.to(self.device, work) - mean) / std
-        return self.encode(x, crop=crop).to(torch.promote_types(self.dtype, torch.float32))
+        wide = rgb01.dtype == torch.float64 and self.dtype == torch.float64  # the float64 door of the goldens
+        return self.encode(x, crop=crop).to(torch.float64 if wide else torch.float32)
 
 
 def tiny_test_proxy(seed: int = 0) -> VisionTransformer:
