@@ -210,7 +210,8 @@ class ProxyModel:
                 model.cls_token is None or model.reg_token is not None or model.no_embed_class
                 or model.pos_embed is None
             ):
-                raise ValueError(f"proxy {name!r} needs DINO's token layout (a CLS token with a position, no registers)")
+                raise ValueError(f"proxy {name!r} needs DINO's token layout (a CLS token with a position, "
+                                 "no registers)")
         if self.family == "mae":
             table = model.pos_embed.detach() if position_table is None else position_table.detach()
             self._stored_table = table.to(device, torch.promote_types(table.dtype, torch.float32))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from functools import partial
 
-import numpy as np
 import pytest
 import timm
 import torch

@@ -50,7 +50,8 @@ def test_clicked_patch_on_every_proxy_grid(cache, rgb, proxy, crop, grid):
     a patch's centre finds that patch, the drawn box holds the click, and A₀'s row is the proxy's."""
     segmenter = fsa.Segmenter("tiny-test", proxy=proxy, cache=cache)
     lam = default_lambda("tiny-test", proxy)
-    settings = SegmentSettings(method="proxyclip", short_side=H, crop=crop, stride=112, feedback=FeedbackConfig(lam=lam))
+    settings = SegmentSettings(method="proxyclip", short_side=H, crop=crop, stride=112,
+                               feedback=FeedbackConfig(lam=lam))
     result = segmenter.segment(rgb, "sky, road, car", settings)
     assert segmenter.proxy_name == fsa.proxies.proxy_for_backbone(proxy, "tiny-test")
     assert result.working_size == (H, W) and len(result.windows) == 1 and result.grid == grid
@@ -170,4 +171,5 @@ def test_bench_quick_has_mae_and_sam_rows(capsys):
     assert "ProxyCLIP, random SAM stand-in proxy 64×64 (N=4096), K=5" in out
     assert main(["--proxy-forward", "--quick", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"\| random SAM stand-in \(tiny-test-sam\) +\| 112×112 \| 1024×1024 +\| 64×64 \(4096\) +\|", out)
+    row = r"\| random SAM stand-in \(tiny-test-sam\) +\| 112×112 \| 1024×1024 +\| 64×64 \(4096\) +\|"
+    assert re.search(row, out)

@@ -110,7 +110,8 @@ class EvaluationResult:
 
     def to_json(self) -> dict:
         out = {"benchmark": self.benchmark, "method": self.method, "backbone": self.backbone, "images": self.images,
-               **({"proxy": self.proxy} if self.proxy is not None else {}), "settings": self.settings, "baseline": self.baseline.as_dict(self.class_names),
+               **({"proxy": self.proxy} if self.proxy is not None else {}), "settings": self.settings,
+               "baseline": self.baseline.as_dict(self.class_names),
                "fsa": None if self.fsa is None else self.fsa.as_dict(self.class_names)}
         if self.sweep:
             out["sweep"] = [
