@@ -205,6 +205,69 @@ def bench_proxyclip(model, device, dtype, repeats: int, k: int = 171, proxy_grid
     return rows
 
 
+def proxy_forward_seconds(name: str, device, dtype, crop: int = 336, repeats: int = 1) -> float:
+    """Median seconds of one proxy forward of a crop × crop window (the published input chain, MAE at
+    slide_crop = crop) with seeded random weights of the real architecture (a stand-in's for tiny-test-*)."""
+    from .proxies import ProxyModel, proxy_spec
+    from .proxy_models import build_proxy_model
+
+    spec = proxy_spec(name)
+    model = build_proxy_model(spec.family, stand_in=spec.is_test_model)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    proxy = ProxyModel(spec.name, model, device=device, is_test_model=True)
+    size = -(-crop // 56) * 56  # the window as ProxyCLIP pads it (multiples of 56)
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(4)).to(device=device, dtype=dtype)
+    return time_call(lambda: proxy.features_from_clip_pixels(pixels, crop=crop), device, repeats)
+
+
+def bench_proxy_families(model, device, dtype, repeats: int, k: int = 171, crop: int = 336,
+                         names=("mae-b16", "sam-b16"), proxy_model: bool = True) -> list[Row]:
+    """(b) ProxyCLIP with the MAE and SAM proxies, proxy features given: each one's grid and width for a
+    crop × crop window (MAE (crop/16)², SAM always 64×64, N = 4096); with `proxy_model`, the note
+    adds the proxy's own forward per window (random weights)."""
+    from .proxies import proxy_spec
+
+    rows = []
+    g = torch.Generator().manual_seed(5)
+    pixels = torch.randn(1, 3, crop, crop, generator=g).to(device=device, dtype=dtype)
+    text = F.normalize(torch.randn(k, model.visual.output_dim, generator=g), dim=-1).to(device=device, dtype=dtype)
+    cfg = FeedbackConfig()
+    for name in names:
+        spec = proxy_spec(name)
+        gh, gw = spec.grid(crop, crop, crop)
+        proxy = torch.randn(1, spec.channels, gh, gw, generator=g).to(device=device, dtype=dtype)
+        base = lambda proxy=proxy: compute_patch_logits(model, pixels, text, "proxyclip", proxy_features=proxy)  # noqa
+        fsa = lambda proxy=proxy: compute_patch_logits(model, pixels, text, "proxyclip", feedback=cfg,  # noqa: E731
+                                                       proxy_features=proxy)
+        note = "proxy features given"
+        if proxy_model:
+            note += f"; {spec.label} forward {_fmt_s(proxy_forward_seconds(name, device, dtype, crop))} per window"
+        rows.append(_pair_row(f"(b) ProxyCLIP, {spec.label} proxy {gh}×{gw} (N={gh * gw}), K={k}", base, fsa,
+                              device, repeats, note))
+    return rows
+
+
+def bench_proxy_forwards(device, dtype, repeats: int, crop: int = 336, names=None) -> str:
+    """Table: seconds of each proxy's forward per crop × crop window (padded to 56 as ProxyCLIP does;
+    MAE at slide_crop = crop), real architectures with random weights."""
+    from .config import PROXIES
+    from .proxies import proxy_spec
+
+    size = -(-crop // 56) * 56
+    cells = [("proxy", "window", "proxy input", "grid (N)", "seconds per window")]
+    for name in names or PROXIES:
+        spec = proxy_spec(name)
+        gh, gw = spec.grid(size, size, crop)
+        side = spec.input_side(size, size, crop) or size
+        seconds = proxy_forward_seconds(name, device, dtype, crop, repeats)
+        cells.append((f"{spec.label} ({spec.name})", f"{size}×{size}", f"{side}×{side}", f"{gh}×{gw} ({gh * gw})",
+                      _fmt_s(seconds)))
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
 def _pair_row(case: str, base: Callable[[], object], fsa: Callable[[], object], device, repeats: int,
               note: str = "") -> Row:
     tb, tf = time_pair(base, fsa, device, repeats)
@@ -310,7 +373,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test of the table")
-    parser.add_argument("--no-proxy-model", action="store_true", help="skip the DINO ViT-B/8 forward timing")
+    parser.add_argument("--no-proxy-model", action="store_true", help="skip the proxy models' forward timings")
+    parser.add_argument("--proxy-forward", action="store_true",
+                        help="instead: seconds per 336×336 window of each proxy's forward (DINO, DINOv2, MAE, SAM)")
     parser.add_argument("--eval", nargs="?", const="proxyclip", default=None, metavar="METHOD",
                         help="instead: images/s of the evaluation protocol per benchmark with METHOD + FSA "
                              "(default proxyclip) and each benchmark's projected full time")
@@ -320,18 +385,29 @@ def main(argv: Optional[list[str]] = None) -> int:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     if args.eval is not None:
         return _eval_throughput(args, device, dtype)
+    if args.proxy_forward:
+        from .config import TINY_PROXIES
+
+        names = tuple(TINY_PROXIES.values()) if args.quick else None
+        table = bench_proxy_forwards(device, dtype, args.repeats, crop=64 if args.quick else 336, names=names)
+        print(f"Proxy forwards, {'stand-ins' if args.quick else 'ViT-B'} with random weights; {machine_line(device)}")
+        print(table)
+        return 0
     if args.quick:
         from .backbones import tiny_test_clip
 
         model = tiny_test_clip().to(device=device, dtype=dtype).eval().requires_grad_(False)
         rows = [bench_clearclip(model, device, dtype, 1, k=4, size=64)]
         rows += bench_proxyclip(model, device, dtype, 1, k=5, proxy_grid=6, crop=64, proxy_model=False)
+        rows += bench_proxy_families(model, device, dtype, 1, k=5, crop=64, names=("tiny-test-mae", "tiny-test-sam"),
+                                     proxy_model=False)
         rows.append(bench_second_point(model, device, dtype, size=64))
         rows += bench_switches(model, device, dtype, 1, k=4, size=64, proxy_k=5, proxy_grid=6, crop=64)
     else:
         model = random_clip(args.arch, device, dtype)
         rows = [bench_clearclip(model, device, dtype, args.repeats)]
         rows += bench_proxyclip(model, device, dtype, args.repeats, proxy_model=not args.no_proxy_model)
+        rows += bench_proxy_families(model, device, dtype, args.repeats, proxy_model=not args.no_proxy_model)
         rows.append(bench_second_point(model, device, dtype))
         rows += bench_switches(model, device, dtype, args.repeats)
     print(f"FSA benchmark, {args.arch if not args.quick else 'tiny-test'} with random weights; {machine_line(device)}")

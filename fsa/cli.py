@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import METHODS, PROXIES, TINY_TEST
+from .config import METHODS, PROXIES, PROXY_LABELS, TINY_TEST
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"ViT-B-16, ViT-L-14, ViT-H-14 or {TINY_TEST} (default: $FSA_MODEL or ViT-B-16)")
     seg.add_argument("--checkpoint", default=None,
                      help="local CLIP weights file (default: $FSA_CHECKPOINT or the HF hub)")
-    seg.add_argument("--proxy", default=None, help=f"ProxyCLIP's vision model: {', '.join(PROXIES)} (default dino-b8)")
+    seg.add_argument("--proxy", default=None,
+                     help=f"ProxyCLIP's vision model: {', '.join(PROXIES)} (default dino-b8; with {TINY_TEST}, "
+                          "its random stand-in)")
     seg.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     seg.add_argument("--short-side", type=int, default=None,
                      help="resize so the short side has this many pixels (default: the method's, 336 for sclip, "
@@ -51,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--stride", type=int, default=None, help="sliding-window stride in pixels (default: per method)")
     seg.add_argument("--threshold", type=float, default=0.0,
                      help="pixels whose best probability is below become background")
-    seg.add_argument("--lam", type=float, default=None, help="FSA λ (default: 3.0; 2.3 for ViT-H-14)")
+    seg.add_argument("--lam", type=float, default=None,
+                     help="FSA λ (default: 3.0; 2.3 for ViT-H-14; 4.5 for ProxyCLIP with the MAE proxy)")
     seg.add_argument("--p", type=float, default=0.45, help="FSA top-p of the pruning (default 0.45)")
     seg.add_argument("--out", default="mask.png", help="colour mask PNG to write (default mask.png)")
     seg.add_argument("-v", "--verbose", action="store_true", help="print loading progress on stderr")
@@ -86,7 +89,8 @@ def _settings_from_args(args: argparse.Namespace, backbone: str):
 
     try:
         # λ and p are checked with --no-fsa too: a bad value is a mistake either way.
-        feedback = FeedbackConfig(lam=default_lambda(backbone) if args.lam is None else args.lam, p=args.p)
+        proxy = (args.proxy or "dino-b8") if str(args.method).lower() == "proxyclip" else None
+        feedback = FeedbackConfig(lam=default_lambda(backbone, proxy) if args.lam is None else args.lam, p=args.p)
         settings = SegmentSettings(method=args.method, feedback=None if args.no_fsa else feedback,
                                    short_side=args.short_side, crop=args.crop, stride=args.stride,
                                    prob_threshold=args.threshold)
@@ -142,14 +146,14 @@ def _segment(args: argparse.Namespace) -> int:
 
     # Everything a user can get wrong is checked before any model loads.
     backbone = resolve_backbone_name(args.backbone)
-    feedback, settings = _settings_from_args(args, backbone)
-    out = check_output_path(args.out)
-    device = resolve_device(args.device)
-    parse_vocabulary(args.classes)
     if args.proxy is not None:
         from .proxies import resolve_proxy_name
 
         args.proxy = resolve_proxy_name(args.proxy)
+    feedback, settings = _settings_from_args(args, backbone)
+    out = check_output_path(args.out)
+    device = resolve_device(args.device)
+    parse_vocabulary(args.classes)
     rgb = to_rgb_uint8(args.image)
 
     def progress(fraction: float, message: str) -> None:
@@ -165,6 +169,9 @@ def _segment(args: argparse.Namespace) -> int:
     Image.fromarray(np.ascontiguousarray(mask)).save(out)
 
     title = f"{settings.method}{'' if feedback is None else ' + FSA'} on {result.backbone}"
+    if settings.method == "proxyclip":
+        title += f" with the {PROXY_LABELS[segmenter.proxy_name]} proxy ({segmenter.proxy_name}, grid " \
+                 f"{result.grid[0]}×{result.grid[1]})"
     if result.is_test_model:
         title += f" ({TINY_TEST}: random weights, the segmentation is meaningless)"
     print(title)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from types import MappingProxyType
+from typing import Mapping, Optional, Union
 
 from .checks import check_number
 
@@ -25,7 +26,18 @@ METHOD_LABELS: dict[str, str] = {
 
 BACKBONES: tuple[str, ...] = ("ViT-B-16", "ViT-L-14", "ViT-H-14")
 TINY_TEST = "tiny-test"
-PROXIES: tuple[str, ...] = ("dino-b8", "dinov2-b14-reg")
+#: ProxyCLIP's proxy models, as the published FSA code offers them (`vfm_model` dino, dinov2, mae, sam).
+PROXIES: tuple[str, ...] = ("dino-b8", "dinov2-b14-reg", "mae-b16", "sam-b16")
+#: The small random stand-in of each proxy that runs with the tiny-test backbone (no download).
+TINY_PROXIES: Mapping[str, str] = MappingProxyType({"dino-b8": TINY_TEST, "dinov2-b14-reg": "tiny-test-dinov2",
+                                                    "mae-b16": "tiny-test-mae", "sam-b16": "tiny-test-sam"})
+PROXY_LABELS: Mapping[str, str] = MappingProxyType({
+    "dino-b8": "DINO ViT-B/8", "dinov2-b14-reg": "DINOv2 ViT-B/14 (registers)", "mae-b16": "MAE ViT-B/16",
+    "sam-b16": "SAM ViT-B/16", TINY_TEST: "random DINO stand-in", "tiny-test-dinov2": "random DINOv2 stand-in",
+    "tiny-test-mae": "random MAE stand-in", "tiny-test-sam": "random SAM stand-in",
+})
+#: FSA's λ with an MAE proxy, whatever the backbone (FSA's hyper_param.txt).
+MAE_LAMBDA = 4.5
 
 # --- allowed ranges of the settings (checked in __post_init__, before any model loads) -------------
 #: λ bound: FSA computes ℓ = Ŝ·exp(λŜ) in float32 (or wider) with Ŝ ∈ (0, 1], so the largest logit
@@ -158,8 +170,14 @@ class FeedbackConfig:
             object.__setattr__(self, name, value)
 
 
-def default_lambda(backbone: str) -> float:
-    """λ the paper uses for a backbone (method.md §3 step 5)."""
+def default_lambda(backbone: str, proxy: Optional[str] = None) -> float:
+    """λ the paper uses for a backbone (method.md §3 step 5; FSA's hyper_param.txt).
+
+    proxy: ProxyCLIP's proxy model (leave None for the other methods): 4.5 with an MAE proxy (or its
+    tiny-test stand-in) for every backbone; otherwise 2.3 for ViT-H/14 and 3.0 for the others.
+    """
+    if proxy is not None and str(proxy).strip().lower() in ("mae-b16", TINY_PROXIES["mae-b16"]):
+        return MAE_LAMBDA
     return 2.3 if "H-14" in backbone else 3.0
 
 

@@ -141,7 +141,8 @@ def window_cosines(
         crops = torch.cat([pixels[:, :, w.y0:w.y1, w.x0:w.x1] for w in chunk])
         if pad != NO_PADDING:
             crops = F.pad(crops, pad)  # zeros in CLIP-normalised space, as the published code
-        proxy_feats = None if proxy is None else proxy.features_from_clip_pixels(crops)
+        # crop: MAE squashes each window to crop × crop (the published slide_crop); the others ignore it
+        proxy_feats = None if proxy is None else proxy.features_from_clip_pixels(crops, crop=max(crop, 0) or None)
         if len(settings) <= 1:
             out = compute_patch_logits(model, crops, text, method, feedback=next(iter(settings.values()), None),
                                        proxy_features=proxy_feats, options=options, keep_details=keep_details)

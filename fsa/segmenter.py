@@ -12,6 +12,7 @@ from .config import TINY_TEST, SegmentSettings
 from .diagnostics import DiagnosticsStore, PatchExplanation
 from .images import limit_size, resize_rgb, to_rgb_uint8, working_size
 from .inference import Decision, clip_pixels, decide, resolve_pad_multiple, window_cosines
+from .proxies import proxy_for_backbone
 from .sliding import Window
 from .text import TextFeatureCache
 from .vocabulary import parse_vocabulary
@@ -76,7 +77,7 @@ class Segmenter:
         self.backbone_name = resolve_backbone_name(backbone)
         self.checkpoint = checkpoint
         self.device = resolve_device(device)
-        self.proxy_name = TINY_TEST if self.backbone_name == TINY_TEST else proxy
+        self.proxy_name = proxy_for_backbone(proxy, self.backbone_name)  # tiny-test: the proxy's random stand-in
         self.cache = cache if cache is not None else ModelCache()
         self.text_cache = text_cache if text_cache is not None else TextFeatureCache()
 

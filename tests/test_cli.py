@@ -86,7 +86,7 @@ def test_segment_in_process_proxyclip_baseline(image_path, tmp_path, capsys, mon
         (["{img}", "--classes", " , ;"], "the vocabulary is empty"),
         (["{img}", "--classes", "cat", "--method", "segformer"], "unknown method 'segformer'; choose one of"),
         (["{img}", "--classes", "cat", "--backbone", "ViT-Z"], "unknown backbone 'ViT-Z'"),
-        (["{img}", "--classes", "cat", "--proxy", "mae"], "unknown proxy model 'mae'"),
+        (["{img}", "--classes", "cat", "--proxy", "mae-l16"], "unknown proxy model 'mae-l16'"),
         (["{img}", "--classes", "cat", "--device", "tpu9"], "invalid device 'tpu9'"),
         (["{img}", "--classes", "cat", "--out", "{tmp}/no/such/dir/m.png"], "output folder"),
         (["{img}", "--classes", "cat", "--p", "0"], "--p: FeedbackConfig.p must be a finite number in (0, 1], got 0"),

@@ -111,8 +111,9 @@ def test_resolve_proxy_name():
     assert resolve_proxy_name("DINO-B8") == "dino-b8"
     assert resolve_proxy_name(None) == "dino-b8"
     assert resolve_proxy_name("dinov2-b14-reg") == "dinov2-b14-reg"
-    with pytest.raises(ValueError, match="unknown proxy model 'sam'.*dino-b8, dinov2-b14-reg, tiny-test"):
-        resolve_proxy_name("sam")
+    with pytest.raises(ValueError, match="unknown proxy model 'sam2'.*dino-b8, dinov2-b14-reg, mae-b16, sam-b16, "
+                                         "tiny-test"):
+        resolve_proxy_name("sam2")
     assert proxy_cache_key("tiny-test", "cpu") != proxy_cache_key("dino-b8", "cpu")
 
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..config import METHOD_LABELS, METHODS, PROXIES, TINY_TEST
+from ..config import METHOD_LABELS, METHODS, PROXIES, PROXY_LABELS, TINY_TEST
 from .presets import BENCHMARK_ORDER
 from .sweep import SWEEP_AXES, SweepError, normalize_sweep, parse_sweep_option, setting_label, sweep_grid
 
@@ -34,10 +34,13 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--backbone", default=None,
                         help=f"ViT-B-16, ViT-L-14, ViT-H-14 or {TINY_TEST} (default: $FSA_MODEL or ViT-B-16)")
     parser.add_argument("--checkpoint", default=None, help="local CLIP weights file")
-    parser.add_argument("--proxy", default="dino-b8", help=f"ProxyCLIP's vision model: {', '.join(PROXIES)}")
+    parser.add_argument("--proxy", default="dino-b8",
+                        help=f"ProxyCLIP's vision model: {', '.join(PROXIES)} (default dino-b8; FSA's λ defaults "
+                             "to 4.5 with mae-b16, as published)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--no-fsa", action="store_true", help="score the baseline alone")
-    parser.add_argument("--lam", type=float, default=None, help="FSA λ (default: 3.0; 2.3 for ViT-H-14)")
+    parser.add_argument("--lam", type=float, default=None,
+                        help="FSA λ (default: 3.0; 2.3 for ViT-H-14; 4.5 for ProxyCLIP with the MAE proxy)")
     parser.add_argument("--p", type=float, default=0.45, help="FSA top-p of the pruning (default 0.45)")
     parser.add_argument("--sweep", action="append", type=_sweep_option, default=[], metavar="NAME=V1,V2,...",
                         help="ablation: score FSA with each value of NAME (repeat for a grid, their Cartesian "
@@ -82,6 +85,7 @@ def _sweep_option(text: str) -> tuple[str, tuple]:
 def main(argv: Optional[Sequence[str]] = None, parser_class=argparse.ArgumentParser) -> int:
     from ..backbones import resolve_backbone_name, vision_depth
     from ..config import FeedbackConfig, default_lambda
+    from ..proxies import resolve_proxy_name
     from .records import write_json_atomic
     from .runner import EvalConfig, Evaluator
 
@@ -90,9 +94,10 @@ def main(argv: Optional[Sequence[str]] = None, parser_class=argparse.ArgumentPar
     if args.all == (args.benchmark is not None):
         parser.error("name one BENCHMARK or pass --all")
     backbone = resolve_backbone_name(args.backbone)
+    proxy = resolve_proxy_name(args.proxy) if args.method == "proxyclip" else None
     feedback = None
     if not args.no_fsa:  # λ and p checked before any work
-        feedback = FeedbackConfig(lam=default_lambda(backbone) if args.lam is None else args.lam, p=args.p)
+        feedback = FeedbackConfig(lam=default_lambda(backbone, proxy) if args.lam is None else args.lam, p=args.p)
     sweep: tuple = ()
     if args.sweep:  # every setting of the grid checked before any model loads
         if args.no_fsa:
@@ -106,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None, parser_class=argparse.ArgumentPar
     base_output = Path(args.output) if args.output else DEFAULT_OUTPUT
     configs = []
     for bench in benchmarks:
-        tag = f"{bench}-{args.method}-{backbone}"
+        tag = f"{bench}-{_run_name(args.method, proxy)}-{backbone}"
         output = base_output / tag if (args.all or not args.output) else base_output
         save = Path(args.save_predictions) / bench if (args.save_predictions and args.all) else args.save_predictions
         configs.append(EvalConfig(
@@ -158,11 +163,23 @@ def main(argv: Optional[Sequence[str]] = None, parser_class=argparse.ArgumentPar
             table = paper_table(results)
             print(table)
             base_output.mkdir(parents=True, exist_ok=True)
-            stem = base_output / f"table-{args.method}-{backbone}"
+            stem = base_output / f"table-{_run_name(args.method, proxy)}-{backbone}"
             stem.with_suffix(".md").write_text(table + "\n")
             write_csv(stem.with_suffix(".csv"), results)
             print(f"table written to {stem}.md and {stem}.csv")
     return 0
+
+
+def _run_name(method: str, proxy: Optional[str]) -> str:
+    """The method in output names: ProxyCLIP with a proxy other than the default names it."""
+    return method if proxy in (None, "dino-b8") else f"{method}-{proxy}"
+
+
+def method_label(result) -> str:
+    """The method as tables name it: "ProxyCLIP (SAM ViT-B/16)" for ProxyCLIP, with its proxy."""
+    label = METHOD_LABELS[result.method]
+    proxy = getattr(result, "proxy", None)
+    return f"{label} ({PROXY_LABELS.get(proxy, proxy)})" if proxy else label
 
 
 def _is_main() -> bool:
@@ -179,7 +196,7 @@ def format_result(result, *, verbose: bool = False) -> str:
     """The scores of one evaluation as a small text table (a sweep: its ablation table)."""
     if result.sweep:
         return _format_sweep(result, verbose=verbose)
-    label = METHOD_LABELS[result.method]
+    label = method_label(result)
     sources = sorted({p["source"] for p in result.settings["presets"].values()})
     lines = [f"{label}{' + FSA' if result.fsa else ''} on {result.benchmark} ({result.backbone}, {result.images} images, "
              f"{result.settings['protocol']} protocol: {', '.join(sources)}, {result.seconds:.0f} s)"]
@@ -211,7 +228,7 @@ BEYOND_PAPER = "(beyond the paper)"
 
 def ablation_rows(result) -> list[tuple[str, str, object, str, bool]]:
     """(label, key, scores, ΔmIoU text, beyond the paper) per row: the baseline, then each sweep setting."""
-    rows = [(f"{METHOD_LABELS[result.method]} (baseline)", "baseline", result.baseline, "", False)]
+    rows = [(f"{method_label(result)} (baseline)", "baseline", result.baseline, "", False)]
     for key, value in result.sweep.items():
         beyond = key in result.beyond_paper
         label = f"+ FSA {setting_label(result.sweep_settings[key])}" + (f" {BEYOND_PAPER}" if beyond else "")
@@ -225,7 +242,7 @@ def _cell(value: float) -> str:
 
 def ablation_table(result) -> str:
     """Markdown ablation table of a sweep: rows the baseline and each setting; mIoU, aAcc, mAcc, ΔmIoU."""
-    lines = [f"{METHOD_LABELS[result.method]} + FSA on {result.benchmark} ({result.backbone}, {result.images} images)",
+    lines = [f"{method_label(result)} + FSA on {result.benchmark} ({result.backbone}, {result.images} images)",
              "", "| setting | mIoU | aAcc | mAcc | ΔmIoU |", "|---|---:|---:|---:|---:|"]
     for label, _, value, delta, _ in ablation_rows(result):
         lines.append(f"| {label} | {_cell(value.miou)} | {_cell(value.aacc)} | {_cell(value.macc)} | {delta} |")
@@ -270,8 +287,7 @@ def _delta(value: float, base: float) -> str:
 
 
 def _rows(results):
-    method = results[0].method
-    label = METHOD_LABELS[method]
+    label = method_label(results[0])
     rows = [(label, [r.baseline.miou for r in results])]
     if all(r.fsa is not None for r in results):
         rows.append((f"{label} + FSA", [r.fsa.miou for r in results]))

@@ -46,7 +46,7 @@ class EvalConfig:
     method: str = "proxyclip"
     backbone: Optional[str] = None  #: None: $FSA_MODEL or ViT-B-16
     checkpoint: Optional[str] = None
-    proxy: str = "dino-b8"
+    proxy: str = "dino-b8"  #: ProxyCLIP's proxy model (fsa.PROXIES); FSA's λ defaults to 4.5 with MAE
     device: Optional[str] = None
     fsa: bool = True
     lam: Optional[float] = None  #: None: the paper's λ for the backbone
@@ -74,6 +74,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", check_method(self.method))
         object.__setattr__(self, "data_root", Path(self.data_root).expanduser())
+        from ..proxies import resolve_proxy_name  # a clear error for an unknown proxy, before any work
+
+        object.__setattr__(self, "proxy", resolve_proxy_name(self.proxy))
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
         if self.limit is not None and self.limit < 1:
@@ -103,10 +106,12 @@ class EvaluationResult:
     sweep: dict[str, Scores] = field(default_factory=dict)
     sweep_settings: dict[str, dict] = field(default_factory=dict)  #: key → {axis: value} of the setting
     beyond_paper: tuple[str, ...] = ()  #: keys of settings that are not the paper's method
+    proxy: Optional[str] = None  #: ProxyCLIP's proxy model (None for the other methods)
 
     def to_json(self) -> dict:
         out = {"benchmark": self.benchmark, "method": self.method, "backbone": self.backbone, "images": self.images,
-               "settings": self.settings, "baseline": self.baseline.as_dict(self.class_names),
+               **({"proxy": self.proxy} if self.proxy is not None else {}), "settings": self.settings,
+               "baseline": self.baseline.as_dict(self.class_names),
                "fsa": None if self.fsa is None else self.fsa.as_dict(self.class_names)}
         if self.sweep:
             out["sweep"] = [
@@ -182,7 +187,8 @@ class Evaluator:
     def _feedback(self, backbone: str) -> Optional[FeedbackConfig]:
         if not self.config.fsa:
             return None
-        lam = default_lambda(backbone) if self.config.lam is None else self.config.lam
+        proxy = self.config.proxy if self.config.method == "proxyclip" else None
+        lam = default_lambda(backbone, proxy) if self.config.lam is None else self.config.lam
         return FeedbackConfig(lam=lam, p=self.config.p)
 
     def sweep_points(self, backbone: str, *, depth: Optional[int] = None) -> list[SweepPoint]:
@@ -298,7 +304,8 @@ class Evaluator:
                 seconds=time.perf_counter() - started,
                 sweep={point.key: scores(totals[point.key]) for point in points},
                 sweep_settings={point.key: point.setting() for point in points},
-                beyond_paper=tuple(point.key for point in points if point.beyond_paper(depth)))
+                beyond_paper=tuple(point.key for point in points if point.beyond_paper(depth)),
+                proxy=segmenter.proxy_name if c.method == "proxyclip" else None)
             if ctx.is_main and c.output is not None:
                 write_json_atomic(Path(c.output) / "result.json", result.to_json())
             return result
