@@ -193,7 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return _guarded(lambda: evaluate_main(argv[1:], parser_class=_Parser))
     if argv and argv[0] == "loadtest":
-        from .loadtest import main as loadtest_main
+        from .demo.loadtest import main as loadtest_main
 
         return loadtest_main(argv[1:])
     if argv and argv[0] == "prepare":
