@@ -134,7 +134,8 @@ def _segment(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from .backbones import resolve_backbone_name, resolve_device
+    from .backbones import resolve_backbone_name
+    from .hub import resolve_device
     from .images import to_rgb_uint8
     from .segmenter import Segmenter
     from .visualize import colorize

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from timm.models.vision_transformer import VisionTransformer
 
-from .backbones import (
+from .hub import (
     DeviceLike,
     Progress,
     WeightsUnavailableError,
