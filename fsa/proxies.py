@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Optional
@@ -48,6 +49,34 @@ assert set(PROXIES) | {TINY_TEST} == set(_TIMM_NAMES)
 #: ``dinov2-b14-reg`` keeps timm's ``dynamic_img_size`` resampling, which is already the published
 #: DINOv2 rule (see :class:`ProxyModel`).
 _DINO_POSITION_PROXIES = frozenset({"dino-b8", TINY_TEST})
+
+
+@dataclass(frozen=True)
+class ProxyGeometry:
+    """What a proxy's attention over a window costs, known without loading the proxy."""
+
+    patch_size: int
+    heads: int  #: attention heads of each block
+    prefix_tokens: int  #: CLS and register tokens before the patch tokens
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid of a (height, width) input (trailing pixels that fill no patch are dropped)."""
+        return height // self.patch_size, width // self.patch_size
+
+
+#: Each proxy's geometry: timm's vit_base_patch8_224.dino (ViT-B/8), vit_base_patch14_reg4_dinov2 (ViT-B/14
+#: with 4 registers), and :func:`tiny_test_proxy`.
+PROXY_GEOMETRY = MappingProxyType({
+    "dino-b8": ProxyGeometry(patch_size=8, heads=12, prefix_tokens=1),
+    "dinov2-b14-reg": ProxyGeometry(patch_size=14, heads=12, prefix_tokens=5),
+    TINY_TEST: ProxyGeometry(patch_size=8, heads=2, prefix_tokens=1),
+})
+assert set(PROXY_GEOMETRY) == set(_TIMM_NAMES)
+
+
+def proxy_geometry(name: Optional[str]) -> ProxyGeometry:
+    """Patch size, heads and prefix tokens of proxy `name` (see :func:`resolve_proxy_name`), nothing loaded."""
+    return PROXY_GEOMETRY[resolve_proxy_name(name)]
 
 
 def resolve_proxy_name(name: Optional[str]) -> str:

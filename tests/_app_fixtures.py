@@ -60,13 +60,17 @@ def write_bad_images(folder: Path) -> dict[str, Path]:
 
 
 def count_compare_calls(app: "DemoApp", monkeypatch) -> list:
-    """Record the vocabulary of every forward pass (Segmenter.compare) of the app's default segmenter."""
+    """Record the vocabulary of every forward pass (Segmenter.compare) of the app's default segmenter, as
+    text: the app hands it a parsed `fsa.Vocabulary`, written back here as "class; synonym, class"."""
     seg = app.segmenter()
     calls: list = []
     original = seg.compare
 
     def counting(*args, **kwargs):
-        calls.append(args[1])
+        vocabulary = args[1]
+        if not isinstance(vocabulary, str):
+            vocabulary = ", ".join("; ".join(synonyms) for synonyms in vocabulary.classes)
+        calls.append(vocabulary)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(seg, "compare", counting)

@@ -161,8 +161,8 @@ def decoded_image_input(component: gr.Image) -> gr.Image:
 
     Gradio's own preprocessing opens the file with PIL first, and a text file named .png, an empty
     or a damaged file then fails inside Gradio with an opaque "the upstream app raised an exception";
-    decoding it in the handler (`fsa.images.read_bounded`) names the problem, and decodes large
-    images straight to the working size. Set on the instance: a `gr.Image` subclass would make
+    decoding it in the handler (`fsa.planning.plan_request`, with `fsa.images.read_bounded`) names the
+    problem, and decodes large images straight to the working size. Set on the instance: a `gr.Image` subclass would make
     Gradio write a .pyi stub next to this file.
     """
 

@@ -9,25 +9,19 @@ import os
 import threading
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Optional
 
-import cv2
 import gradio as gr
-import numpy as np
 
 import fsa
 from .. import visualize as viz
 from ..config import BACKBONES, METHOD_DEFAULTS, METHOD_LABELS, METHODS, TINY_TEST, default_lambda
-from ..images import read_bounded, working_size
-from ..scoring import read_reference_mask, score_against
+from ..planning import clip_geometry, plan_request
+from ..scoring import score_reference
 from ..text import TextFeatureCache
-from ..vocabulary import parse_vocabulary
 from .forms import PAPER_ITERATIONS, PAPER_SIMILARITY, parse_blocks, parse_iterations
 from .guards import ClientWatch, progress_callback
-from .limits import (
-    PROXY_GEOMETRY, TEXT_CACHE_MAX_NAMES, TEXT_NAMES_PER_BATCH, RuntimeLimits, class_budget_message, window_batch_for,
-)
+from .limits import TEXT_CACHE_MAX_NAMES, TEXT_NAMES_PER_BATCH, OverBudget, RuntimeLimits, fit_to_budget
 from .server import gpu, release_freed_memory
 from .sessions import RunRecord, compact_labels, run_key
 from .views import (
@@ -96,8 +90,8 @@ class DemoApp:
             log.warning("weights unavailable: %s", exc)
             return
         try:
-            self.num_heads = int(clip.model.visual.transformer.resblocks[-1].attn.num_heads)
-        except AttributeError:
+            self.num_heads = clip_geometry(clip).heads
+        except AttributeError:  # not an open_clip vision tower: the page offers 12 heads
             pass
         if os.environ.get("SPACE_ID"):  # on Hugging Face Spaces: ProxyCLIP's DINO too, before any GPU worker forks
             segmenter = self.segmenter()
@@ -143,7 +137,7 @@ class DemoApp:
         )
 
     # -- GPU work -----------------------------------------------------------------------------
-    def _infer_impl(self, backbone: Optional[str], image, vocabulary: str, settings, progress=None):
+    def _infer_impl(self, backbone: Optional[str], image, vocabulary, settings, progress=None):
         """One forward pass → (baseline result, baseline + FSA result or None)."""
         segmenter = self.segmenter(backbone)
         report = progress_callback(progress, watch=ClientWatch())
@@ -152,7 +146,7 @@ class DemoApp:
         out = segmenter.compare(image, vocabulary, settings, progress=report)
         return out.baseline, out.fsa
 
-    def _infer_cells_impl(self, backbone: Optional[str], image, vocabulary: str, settings_list, progress=None):
+    def _infer_cells_impl(self, backbone: Optional[str], image, vocabulary, settings_list, progress=None):
         """Every settings' pass drawn into its two compare-grid cells as soon as it exists, then dropped,
         so that one pair of results is alive at a time.
 
@@ -187,41 +181,16 @@ class DemoApp:
                            title="Empty vocabulary")
 
     def _prepare(self, image, vocabulary: str, backbone: Optional[str], settings_list: list):
-        """Decode the image to the working size and check the request against the memory budgets, before
-        any model work. → (fsa.images.BoundedImage, the settings with a window batch that fits)."""
+        """Plan the request (the image decoded and the vocabulary parsed once) and check it against the memory
+        budgets, before any model work. → (fsa.planning.RequestPlan, the settings with a window batch that
+        fits)."""
         self._check_inputs(image, vocabulary)
-        queries = len(parse_vocabulary(vocabulary, max_names=1 << 30).queries)  # counted here, limited below
-        short_side = max(settings.resolved_short_side() for settings in settings_list)
-        name = Path(image).name if isinstance(image, (str, Path)) else None
-        decoded = read_bounded(image, short_side, max_pixels=self.limits.max_pixels, name=name)
-        segmenter = self.segmenter(backbone)
-        clip = segmenter.load()
-        h, w = decoded.rgb.shape[:2]
-        working = working_size(h, w, short_side, min_side=clip.patch_size)
-        message = class_budget_message(queries, working, self.limits.max_classes)
-        if message is not None:
-            raise gr.Error(message, title="Over this server's budget")
+        plan = plan_request(self.segmenter(backbone), image, vocabulary, settings_list,
+                            max_pixels=self.limits.max_pixels)
         try:
-            heads = int(clip.model.visual.transformer.resblocks[-1].attn.num_heads)
-        except AttributeError:
-            heads = 16
-        fitted = []
-        for settings in settings_list:
-            crop = settings.resolved_crop()
-            win_h, win_w = working if crop <= 0 else (min(crop, working[0]), min(crop, working[1]))
-            tokens, win_heads = (win_h // clip.patch_size) * (win_w // clip.patch_size), heads
-            if settings.method == "proxyclip":
-                patch, proxy_heads = PROXY_GEOMETRY.get(segmenter.proxy_name, (8, 12))
-                tokens, win_heads = max(tokens, (win_h // patch) * (win_w // patch)), max(heads, proxy_heads)
-            batch = window_batch_for(tokens, win_heads, settings.window_batch)
-            if batch < 1:
-                raise gr.Error(
-                    f"A {win_w}×{win_h}-pixel window ({tokens} patches) needs more attention memory than this "
-                    f"server allows. Lower the window crop (the method's default is "
-                    f"{METHOD_DEFAULTS[settings.method].crop}) or the short side in Advanced settings.",
-                    title="Over this server's budget")
-            fitted.append(settings if batch == settings.window_batch else replace(settings, window_batch=batch))
-        return decoded, fitted
+            return plan, fit_to_budget(plan, self.limits, settings_list)
+        except OverBudget as exc:
+            raise gr.Error(str(exc), title="Over this server's budget") from None
 
     @contextlib.contextmanager
     def _model_slot(self, progress):
@@ -259,15 +228,15 @@ class DemoApp:
     def _run(self, image, vocabulary, backbone, settings, progress) -> tuple[RunRecord, tuple, str]:
         """One forward pass for a session → (its RunRecord, the two mask images, the summary line)."""
         backbone = backbone or self.default_backbone
-        decoded, (fitted,) = self._prepare(image, vocabulary, backbone, [settings])
+        plan, (fitted,) = self._prepare(image, vocabulary, backbone, [settings])
         key = run_key(image, vocabulary, backbone, settings)
         with self._model_slot(progress):
-            baseline, fsa_result = self._infer(backbone, decoded.rgb, vocabulary, fitted, progress)
+            baseline, fsa_result = self._infer(backbone, plan.image.rgb, plan.vocabulary, fitted, progress)
         masks = mask_images(baseline, fsa_result)
         summary = run_summary(fsa_result or baseline, settings)
         record = RunRecord(key=key, image=baseline.image, class_names=tuple(baseline.class_names),
                            diagnostics=None if fsa_result is None else fsa_result.diagnostics,
-                           input_size=decoded.source_size, method=baseline.method,
+                           input_size=plan.image.source_size, method=baseline.method,
                            labels=compact_labels(baseline.labels),
                            fsa_labels=None if fsa_result is None else compact_labels(fsa_result.labels))
         del baseline, fsa_result
@@ -355,9 +324,9 @@ class DemoApp:
         backbone = backbone or self.default_backbone
         settings_list = [self.settings(m, True, isolation, pruning, ensemble, lam, p, short_side, None, None, None,
                                        bg_threshold, keep_diagnostics=False) for m in METHODS]
-        decoded, fitted = self._prepare(image, vocabulary, backbone, settings_list)
+        plan, fitted = self._prepare(image, vocabulary, backbone, settings_list)
         with self._model_slot(progress):
-            names, rows = self._infer_cells(backbone, decoded.rgb, vocabulary, fitted, progress)
+            names, rows = self._infer_cells(backbone, plan.image.rgb, plan.vocabulary, fitted, progress)
         self.release_memory()
         if names is None:
             raise gr.Error(rows[0][3], title="Weights missing")
@@ -371,26 +340,10 @@ class DemoApp:
         if not reference_file:
             raise gr.Error("Upload a reference mask first: a PNG of class indices (vocabulary order, 255 = "
                            "ignore) or of the app's class colours.", title="No reference mask")
-        names = record.class_names
-        reference = read_reference_mask(str(reference_file), names, viz.class_colors(names))
-        reference, note = self._reference_at_image_size(record, reference)
         baseline, fsa_masks = record.masks()
-        report = score_against(baseline, fsa_masks, reference)
+        report, reference, note = score_reference(str(reference_file), baseline, fsa_masks,
+                                                  source_size=record.input_size)
         return score_view(record, report, reference, note)
-
-    @staticmethod
-    def _reference_at_image_size(record: RunRecord, reference: np.ndarray) -> tuple[np.ndarray, str]:
-        """A reference of the uploaded image's size, brought to the size the app segmented at (large uploads
-        are decoded reduced): nearest neighbour, and a note saying so. Any other size is left to
-        `score_against`, which refuses it naming both sizes."""
-        h, w = record.image.shape[:2]
-        rh, rw = reference.shape
-        if (rh, rw) == (h, w) or (rw, rh) != tuple(record.input_size):
-            return reference, ""
-        small = cv2.resize(reference.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
-        return small.astype(np.int64), (f"Note: the image was segmented at {w}×{h} pixels (large uploads are "
-                                        f"reduced), so the {rw}×{rh} reference was reduced to that size with "
-                                        f"nearest-neighbour sampling before scoring.")
 
     def api_score(self, record, image, vocabulary, method, reference, progress=gr.Progress()):
         """/score: (image, vocabulary, method, reference mask file) → IoU table (markdown), error maps.
@@ -429,7 +382,7 @@ class DemoApp:
     # -- explore beyond the paper -------------------------------------------------------------------
     def tower_depth(self, backbone: Optional[str] = None) -> int:
         """Blocks in the vision tower of `backbone` (loads its CLIP, as a run would)."""
-        return len(self.segmenter(backbone).load().model.visual.transformer.resblocks)
+        return clip_geometry(self.segmenter(backbone).load()).depth
 
     def feedback_switches(self, backbone, fsa_on, similarity, iterations, blocks) -> dict:
         """The "Explore beyond the paper" fields → FeedbackConfig's similarity, iterations, blocks (checked;

@@ -1,13 +1,15 @@
 """The memory budgets of a public deployment: `RuntimeLimits` from the environment, the class budget
-and the attention budget of a batch of windows. No Gradio here: the handlers turn a refusal into a message."""
+and the attention budget of a batch of windows, checked against a `fsa.planning.RequestPlan` before any
+model work. No Gradio here: the handlers turn an `OverBudget` refusal into a message."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Mapping, Optional
+from dataclasses import dataclass, replace
+from typing import Mapping, Optional, Sequence
 
-from ..config import TINY_TEST
+from ..config import METHOD_DEFAULTS, SegmentSettings
 from ..images import DEFAULT_MAX_PIXELS
+from ..planning import RequestPlan
 
 
 def _env_number(environ: Mapping[str, str], name: str, default, kind: type):
@@ -79,9 +81,6 @@ CLASS_BUDGET_PIXELS = 597 * 448
 #: batch of 4. The batch shrinks to fit; a single window above the budget is refused.
 ATTENTION_BUDGET_BYTES = 2**30
 ATTENTION_COPIES = 2
-#: Patch size and heads of ProxyCLIP's proxy models (timm vit_base_patch8 / vit_base_patch14: ViT-B, 12
-#: heads; the tiny test proxy: patch 8, 2 heads, fsa.proxies.tiny_test_proxy).
-PROXY_GEOMETRY = {"dino-b8": (8, 12), "dinov2-b14-reg": (14, 12), TINY_TEST: (8, 2)}
 #: Class names encoded at once (× 80 prompts). Measured on ViT-B/16, 40 new names: 2 a batch peak at +272 MB
 #: in 16 s, 8 a batch at +365 MB in 20 s.
 TEXT_NAMES_PER_BATCH = 2
@@ -108,3 +107,28 @@ def window_batch_for(tokens: int, heads: int, requested: int) -> int:
     """Windows per forward pass so that their attention stays within ATTENTION_BUDGET_BYTES (0: none fits)."""
     per_window = heads * (tokens + 1) ** 2 * 4 * ATTENTION_COPIES
     return max(0, min(requested, ATTENTION_BUDGET_BYTES // per_window))
+
+
+class OverBudget(ValueError):
+    """A request this server's limits refuse, with what to change."""
+
+
+def fit_to_budget(plan: RequestPlan, limits: RuntimeLimits,
+                  settings_list: Sequence[SegmentSettings]) -> list[SegmentSettings]:
+    """`settings_list` (those `plan` was made for, in order), each with a window batch whose attention fits
+    ATTENTION_BUDGET_BYTES; `OverBudget` when the vocabulary is over the class budget of the plan's working
+    image, or when a single window does not fit."""
+    message = class_budget_message(plan.queries, plan.working_size, limits.max_classes)
+    if message is not None:
+        raise OverBudget(message)
+    fitted = []
+    for settings, windows in zip(settings_list, plan.windows, strict=True):
+        batch = window_batch_for(windows.tokens, windows.heads, settings.window_batch)
+        if batch < 1:
+            win_h, win_w = windows.window_size
+            raise OverBudget(
+                f"A {win_w}×{win_h}-pixel window ({windows.tokens} patches) needs more attention memory than this "
+                f"server allows. Lower the window crop (the method's default is "
+                f"{METHOD_DEFAULTS[settings.method].crop}) or the short side in Advanced settings.")
+        fitted.append(settings if batch == settings.window_batch else replace(settings, window_batch=batch))
+    return fitted
