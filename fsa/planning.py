@@ -17,7 +17,7 @@ from .backbones import LoadedClip
 from .config import SegmentSettings
 from .images import DEFAULT_MAX_PIXELS, BoundedImage, read_bounded, working_size
 from .inference import centred_padding, resolve_pad_multiple
-from .proxies import ProxyGeometry, proxy_geometry
+from .proxies import ProxySpec, proxy_spec
 from .sliding import window_layout
 from .vocabulary import Vocabulary, parse_vocabulary
 
@@ -76,10 +76,11 @@ class RequestPlan:
 
 
 def plan_windows(settings: SegmentSettings, image_hw: tuple[int, int], clip: VisionGeometry,
-                 proxy: Optional[ProxyGeometry] = None) -> WindowPlan:
+                 proxy: Optional[ProxySpec] = None) -> WindowPlan:
     """The windows `settings` lays on an image of `image_hw` pixels (h, w) before it is resized.
 
-    `proxy`: the proxy's geometry, used when the method is ProxyCLIP (without it, the plan has no proxy grid).
+    `proxy`: the proxy's `fsa.proxies.ProxySpec`, used when the method is ProxyCLIP (without it, the plan has
+    no proxy grid).
     """
     working = working_size(*image_hw, settings.resolved_short_side(), min_side=clip.patch_size)
     crop = settings.resolved_crop()
@@ -90,7 +91,7 @@ def plan_windows(settings: SegmentSettings, image_hw: tuple[int, int], clip: Vis
     multiple = resolve_pad_multiple(settings.defaults.pad_to, clip.patch_size) if crop > 0 or is_proxyclip else 0
     left, right, top, bottom = centred_padding(first[0].height, first[0].width, multiple)
     ph, pw = first[0].height + top + bottom, first[0].width + left + right
-    proxy_grid = (ph // proxy.patch_size, pw // proxy.patch_size) if uses_proxy else None
+    proxy_grid = proxy.grid(ph, pw, crop or None) if uses_proxy else None
     return WindowPlan(
         method=settings.method, working_size=working, window_size=(first[0].height, first[0].width),
         padded_size=(ph, pw), windows=len(first), clip_grid=(ph // clip.patch_size, pw // clip.patch_size),
@@ -113,7 +114,7 @@ def plan_request(segmenter, image, vocabulary, settings_list: Sequence[SegmentSe
     name = Path(image).name if isinstance(image, (str, Path)) else None
     decoded = read_bounded(image, short_side, max_pixels=max_pixels, name=name)
     clip = clip_geometry(segmenter.load())
-    proxy = proxy_geometry(segmenter.proxy_name) if any(s.method == "proxyclip" for s in settings_list) else None
+    proxy = proxy_spec(segmenter.proxy_name) if any(s.method == "proxyclip" for s in settings_list) else None
     image_hw = decoded.rgb.shape[:2]
     windows = tuple(plan_windows(settings, image_hw, clip, proxy) for settings in settings_list)
     working = working_size(*image_hw, short_side, min_side=clip.patch_size)

@@ -52,31 +52,43 @@ _DINO_POSITION_PROXIES = frozenset({"dino-b8", TINY_TEST})
 
 
 @dataclass(frozen=True)
-class ProxyGeometry:
-    """What a proxy's attention over a window costs, known without loading the proxy."""
+class ProxySpec:
+    """What a proxy's attention over a window costs, known without loading the proxy.
 
+    ``grid``/``tokens`` take the window as the proxy receives it (ProxyCLIP pads each window to a multiple
+    of 56 first, :func:`fsa.inference.centred_padding`); ``crop`` is the sliding-window crop (0 or None for
+    one window over the whole image), which these proxies do not need.
+    """
+
+    name: str
     patch_size: int
-    heads: int  #: attention heads of each block
-    prefix_tokens: int  #: CLS and register tokens before the patch tokens
+    heads: int  #: attention heads of the proxy's blocks
+    prefix_tokens: int  #: tokens besides the patches in the forward (CLS, registers)
 
-    def grid(self, height: int, width: int) -> tuple[int, int]:
-        """Patch grid of a (height, width) input (trailing pixels that fill no patch are dropped)."""
-        return height // self.patch_size, width // self.patch_size
+    def grid(self, height: int, width: int, crop: Optional[int] = None) -> tuple[int, int]:
+        """(rows, cols) of the proxy features of one ``height × width`` window: ProxyCLIP's attention grid
+        (trailing pixels that fill no patch are dropped)."""
+        return int(height) // self.patch_size, int(width) // self.patch_size
+
+    def tokens(self, height: int, width: int, crop: Optional[int] = None) -> int:
+        """The longest token sequence one attention sees for this window (patches and prefix tokens)."""
+        rows, cols = self.grid(height, width, crop)
+        return rows * cols + self.prefix_tokens
 
 
 #: Each proxy's geometry: timm's vit_base_patch8_224.dino (ViT-B/8), vit_base_patch14_reg4_dinov2 (ViT-B/14
 #: with 4 registers), and :func:`tiny_test_proxy`.
-PROXY_GEOMETRY = MappingProxyType({
-    "dino-b8": ProxyGeometry(patch_size=8, heads=12, prefix_tokens=1),
-    "dinov2-b14-reg": ProxyGeometry(patch_size=14, heads=12, prefix_tokens=5),
-    TINY_TEST: ProxyGeometry(patch_size=8, heads=2, prefix_tokens=1),
+_SPECS = MappingProxyType({
+    "dino-b8": ProxySpec("dino-b8", patch_size=8, heads=12, prefix_tokens=1),
+    "dinov2-b14-reg": ProxySpec("dinov2-b14-reg", patch_size=14, heads=12, prefix_tokens=5),
+    TINY_TEST: ProxySpec(TINY_TEST, patch_size=8, heads=2, prefix_tokens=1),
 })
-assert set(PROXY_GEOMETRY) == set(_TIMM_NAMES)
+assert set(_SPECS) == set(_TIMM_NAMES)
 
 
-def proxy_geometry(name: Optional[str]) -> ProxyGeometry:
+def proxy_spec(name: Optional[str]) -> ProxySpec:
     """Patch size, heads and prefix tokens of proxy `name` (see :func:`resolve_proxy_name`), nothing loaded."""
-    return PROXY_GEOMETRY[resolve_proxy_name(name)]
+    return _SPECS[resolve_proxy_name(name)]
 
 
 def resolve_proxy_name(name: Optional[str]) -> str:

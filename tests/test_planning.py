@@ -13,11 +13,11 @@ import fsa
 from fsa import planning, segmenter as segmenter_module
 from fsa.config import SegmentSettings
 from fsa.planning import RequestPlan, VisionGeometry, clip_geometry, plan_request, plan_windows
-from fsa.proxies import PROXY_GEOMETRY, proxy_geometry, tiny_test_proxy
+from fsa.proxies import proxy_spec, tiny_test_proxy
 from fsa.vocabulary import Vocabulary, parse_vocabulary
 
 VIT_B16 = VisionGeometry(patch_size=16, heads=12, depth=12)
-DINO_B8 = proxy_geometry("dino-b8")
+DINO_B8 = proxy_spec("dino-b8")
 
 
 def settings(method: str, **kwargs) -> SegmentSettings:
@@ -30,21 +30,24 @@ def settings(method: str, **kwargs) -> SegmentSettings:
 def test_proxy_geometry_is_the_models(name, timm_name):
     with torch.device("meta"):  # the architecture only: no weights, no memory
         model = timm.create_model(timm_name, pretrained=False, dynamic_img_size=True, num_classes=0)
-    geometry = proxy_geometry(name.upper())
+    geometry = proxy_spec(name.upper())
     assert geometry.patch_size == model.patch_embed.patch_size[0]
     assert geometry.heads == model.blocks[-1].attn.num_heads
     assert geometry.prefix_tokens == model.num_prefix_tokens
     assert geometry.grid(336, 448) == (336 // geometry.patch_size, 448 // geometry.patch_size)
+    assert geometry.tokens(336, 448) == (336 // geometry.patch_size) * (448 // geometry.patch_size) + \
+        model.num_prefix_tokens
 
 
-def test_tiny_proxy_geometry_and_the_table_cover_every_proxy():
+def test_tiny_proxy_geometry_is_the_models():
     model = tiny_test_proxy()
-    geometry = proxy_geometry(fsa.TINY_TEST)
+    geometry = proxy_spec(fsa.TINY_TEST)
     assert (geometry.patch_size, geometry.heads, geometry.prefix_tokens) == (8, 2, 1)
     assert (model.patch_embed.patch_size[0], model.blocks[0].attn.num_heads, model.num_prefix_tokens) == (8, 2, 1)
-    assert set(PROXY_GEOMETRY) == set(fsa.PROXIES) | {fsa.TINY_TEST}
+    for name in fsa.PROXIES:
+        assert proxy_spec(name).patch_size >= 8
     with pytest.raises(ValueError, match="unknown proxy model"):
-        proxy_geometry("sam")
+        proxy_spec("no-such-proxy")
 
 
 def test_clip_geometry_of_the_tiny_model():
@@ -86,7 +89,7 @@ def test_proxyclip_counts_the_proxys_patches_and_heads():
     assert plan.windows == 2 and plan.padded_size == (336, 336)
     assert plan.clip_grid == (21, 21) and plan.proxy_grid == (42, 42)
     assert plan.tokens == 42 * 42 and plan.heads == 12
-    tiny = plan_windows(settings("proxyclip"), (480, 640), VisionGeometry(16, 4, 4), proxy_geometry(fsa.TINY_TEST))
+    tiny = plan_windows(settings("proxyclip"), (480, 640), VisionGeometry(16, 4, 4), proxy_spec(fsa.TINY_TEST))
     assert tiny.heads == 4  # the larger of CLIP's 4 and the tiny proxy's 2
 
 
