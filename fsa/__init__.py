@@ -5,7 +5,9 @@
     result.labels, result.class_names, result.explain(120, 80)
 """
 from .checks import NumericalError
-from .backbones import LoadedClip, ModelCache, WeightsUnavailableError, load_clip
+from .backbones import LoadedClip, load_clip
+from .cache import ModelCache
+from .hub import WeightsUnavailableError
 from .config import (
     BACKBONES, METHOD_DEFAULTS, METHOD_LABELS, METHODS, PROXIES, TINY_TEST, FeedbackConfig, GClipConfig,
     MethodDefaults, MethodOptions, SegmentSettings, default_lambda,

@@ -138,7 +138,8 @@ def _segment(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from .backbones import resolve_backbone_name, resolve_device
+    from .backbones import resolve_backbone_name
+    from .hub import resolve_device
     from .images import to_rgb_uint8
     from .segmenter import Segmenter
     from .visualize import colorize
@@ -200,7 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return _guarded(lambda: evaluate_main(argv[1:], parser_class=_Parser))
     if argv and argv[0] == "loadtest":
-        from .loadtest import main as loadtest_main
+        from .demo.loadtest import main as loadtest_main
 
         return loadtest_main(argv[1:])
     if argv and argv[0] == "prepare":

@@ -28,7 +28,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer_sam import VisionTransformerSAM
 from torch import nn
 
-from .backbones import (
+from .hub import (
     DeviceLike,
     Progress,
     WeightsUnavailableError,

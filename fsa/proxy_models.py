@@ -7,7 +7,7 @@ What :mod:`fsa.proxies` runs, kept apart from it so that each stays one concern:
   seeded random stand-ins for ``tiny-test``), weights not loaded;
 - :func:`read_proxy_state` and :func:`load_proxy_state`: a local checkpoint (timm's hub file or the
   original release file) into that container, strictly: every key present with its shape, or a
-  :class:`~fsa.backbones.WeightsUnavailableError` naming the file, before any weight is copied.
+  :class:`~fsa.hub.WeightsUnavailableError` naming the file, before any weight is copied.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer_sam import VisionTransformerSAM, checkpoint_filter_fn as sam_filter_fn
 
-from .backbones import WeightsUnavailableError
+from .hub import WeightsUnavailableError
 
 #: Proxy families: how the published ProxyCLIP/FSA code runs each (see fsa.proxies.ProxyModel).
 FAMILIES = ("dino", "dinov2", "mae", "sam")

@@ -11,7 +11,9 @@ A reference mask comes in one of two forms (`read_reference_mask`):
   exactly; pure black (0, 0, 0), pure white (255, 255, 255) and fully transparent pixels mean "ignore".
   Any other colour is an error (so a JPEG, whose compression shifts colours, is refused).
 
-Nothing is resized: the mask must have the segmented image's size. The scores are those of
+`score_against` resizes nothing: the mask must have the segmented image's size. `score_reference` is the
+whole path of an uploaded mask (read, brought to the segmented size when it has the size of the image the
+user gave, which a server may have segmented reduced, then scored). The scores are those of
 `fsa.evaluation.metrics` (mmsegmentation's IoUMetric) on this single image.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -268,4 +271,32 @@ def score_against(baseline, fsa_result, reference: np.ndarray) -> ScoreReport:
                        labelled_pixels=labelled, ignored_pixels=int(reference.size - labelled))
 
 
-__all__ = ["IGNORE_COLORS", "MaskSource", "ScoreReport", "read_reference_mask", "score_against"]
+def reference_at_size(reference: np.ndarray, size: tuple[int, int],
+                      source_size: Optional[tuple[int, int]] = None) -> tuple[np.ndarray, str]:
+    """A reference ``(H, W)`` of the user's image size `source_size` (width, height) → the segmented `size`
+    (h, w), nearest neighbour, with a note saying so; any other reference is returned as it is ("") and left
+    to `score_against`, which refuses a wrong size naming both."""
+    h, w = size
+    rh, rw = reference.shape
+    if (rh, rw) == (h, w) or source_size is None or (rw, rh) != tuple(source_size):
+        return reference, ""
+    small = cv2.resize(reference.astype(np.uint16), (w, h), interpolation=cv2.INTER_NEAREST)
+    return small.astype(np.int64), (f"Note: the image was segmented at {w}×{h} pixels (large uploads are "
+                                    f"reduced), so the {rw}×{rh} reference was reduced to that size with "
+                                    f"nearest-neighbour sampling before scoring.")
+
+
+def score_reference(source: MaskSource, baseline, fsa_result=None, *, colors: Optional[np.ndarray] = None,
+                    source_size: Optional[tuple[int, int]] = None) -> tuple[ScoreReport, np.ndarray, str]:
+    """Read a reference mask (`read_reference_mask`, with the results' classes and `colors`), bring it to the
+    results' size when it has the size `source_size` (width, height) of the image the user gave
+    (`reference_at_size`), and score both results (`score_against`) → (report, reference labels, note).
+    """
+    names = tuple(str(n) for n in baseline.class_names)
+    reference = read_reference_mask(source, names, colors)
+    reference, note = reference_at_size(reference, baseline.labels.shape, source_size)
+    return score_against(baseline, fsa_result, reference), reference, note
+
+
+__all__ = ["IGNORE_COLORS", "MaskSource", "ScoreReport", "read_reference_mask", "reference_at_size",
+           "score_against", "score_reference"]

@@ -7,7 +7,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .backbones import LoadedClip, ModelCache, resolve_backbone_name, resolve_device
+from .backbones import LoadedClip, resolve_backbone_name
+from .cache import ModelCache
+from .hub import resolve_device
 from .config import TINY_TEST, SegmentSettings
 from .diagnostics import DiagnosticsStore, PatchExplanation
 from .images import limit_size, resize_rgb, to_rgb_uint8, working_size

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
-from .backbones import LoadedClip, Progress, report_progress
+from .backbones import LoadedClip
+from .hub import Progress, report_progress
 
 #: The 80 OpenAI ImageNet prompt templates as format strings ("a bad photo of a {}.", ...).
 TEMPLATES: tuple[str, ...] = tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)

@@ -80,15 +80,19 @@ class Vocabulary:
         return len(self.classes)
 
 
-def parse_vocabulary(text: Union[str, Sequence[str], None], *, max_names: int = 500) -> Vocabulary:
+def parse_vocabulary(text: Union[str, Sequence[str], "Vocabulary", None], *, max_names: int = 500) -> Vocabulary:
     """Parse ``"cat; kitten, sofa\\nsky"`` into a :class:`Vocabulary`.
 
     ``text`` may also be a list of class strings (each may hold ``;`` synonyms). White space and
     zero-width characters around names are stripped and empty pieces dropped; a synonym repeated
     inside one class is kept once. ``ValueError`` for: a name with no visible character (only
     zero-width, format or control characters), no names, a class listed twice, a name in two classes
-    (case-insensitive), more than ``max_names`` names.
+    (case-insensitive), more than ``max_names`` names. A :class:`Vocabulary` (parsed already) is returned
+    as it is, once its size is checked.
     """
+    if isinstance(text, Vocabulary):
+        _check_total(sum(len(synonyms) for synonyms in text.classes), max_names)
+        return text
     if text is None:
         pieces: list[str] = []
     elif isinstance(text, str):
@@ -125,10 +129,13 @@ def parse_vocabulary(text: Union[str, Sequence[str], None], *, max_names: int = 
 
     if not classes:
         raise ValueError("the vocabulary is empty; enter class names separated by commas, e.g. 'cat, dog, sky'")
-    total = sum(len(synonyms) for synonyms in classes)
+    _check_total(sum(len(synonyms) for synonyms in classes), max_names)
+    return Vocabulary(tuple(classes))
+
+
+def _check_total(total: int, max_names: int) -> None:
     if total > max_names:
         raise ValueError(f"the vocabulary has {total} names; at most {max_names} are allowed, remove some")
-    return Vocabulary(tuple(classes))
 
 
 def _invisible_name_message(raw: str, index: int, synonyms: tuple[str, ...],

@@ -9,7 +9,10 @@ from pathlib import Path
 
 from PIL import Image
 
-import app as demo_app
+from fsa.demo.handlers import DemoApp
+from fsa.demo.limits import RuntimeLimits
+from fsa.demo.page import build_demo
+from fsa.demo.server import launch_options
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,13 +24,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def launched_demo(short_side: int = 64, limits: "demo_app.RuntimeLimits | None" = None):
+def launched_demo(short_side: int = 64, limits: "RuntimeLimits | None" = None):
     """(DemoApp, Blocks, url) of the demo launched in this process as `python app.py` launches it (limits
     from the environment unless given); closed on exit."""
-    app = demo_app.DemoApp(short_side=short_side, limits=limits)
-    demo = demo_app.build_demo(app)
+    app = DemoApp(short_side=short_side, limits=limits)
+    demo = build_demo(app)
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
-                **demo_app.launch_options(app.limits))
+                **launch_options(app.limits))
     try:
         yield app, demo, demo.local_url
     finally:
@@ -56,14 +59,18 @@ def write_bad_images(folder: Path) -> dict[str, Path]:
     return paths
 
 
-def count_compare_calls(app: "demo_app.DemoApp", monkeypatch) -> list:
-    """Record the vocabulary of every forward pass (Segmenter.compare) of the app's default segmenter."""
+def count_compare_calls(app: "DemoApp", monkeypatch) -> list:
+    """Record the vocabulary of every forward pass (Segmenter.compare) of the app's default segmenter, as
+    text: the app hands it a parsed `fsa.Vocabulary`, written back here as "class; synonym, class"."""
     seg = app.segmenter()
     calls: list = []
     original = seg.compare
 
     def counting(*args, **kwargs):
-        calls.append(args[1])
+        vocabulary = args[1]
+        if not isinstance(vocabulary, str):
+            vocabulary = ", ".join("; ".join(synonyms) for synonyms in vocabulary.classes)
+        calls.append(vocabulary)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(seg, "compare", counting)

@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import app as demo_app
+from fsa import visualize as viz
+from fsa.demo.forms import MEAN_HEADS
+from fsa.demo.guards import friendly_errors
+from fsa.demo.handlers import DemoApp
+from fsa.demo.page import build_demo
+from fsa.demo.views import NO_STEPS_MESSAGE
 from _app_fixtures import count_compare_calls
 import fsa
 from fsa.config import METHOD_DEFAULTS
@@ -19,12 +24,11 @@ from fsa.config import METHOD_DEFAULTS
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = "cup; mug, table, background"
 W, H = 96, 64
-viz = demo_app.viz
 
 
 @pytest.fixture(scope="module")
 def app():
-    return demo_app.DemoApp(short_side=64)
+    return DemoApp(short_side=64)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,7 @@ def compare_calls(app, monkeypatch):
 def run(app, image, *beyond, method="clearclip", fsa_on=True, isolation=True, pruning=True, ensemble=True):
     """The Segment button with the page's default fields and the beyond-the-paper fields `beyond`."""
     d = METHOD_DEFAULTS[method]
-    fn = demo_app.friendly_errors(app.run)
+    fn = friendly_errors(app.run)
     return fn(None, image, VOCAB, method, app.default_backbone, fsa_on, isolation, pruning, ensemble, 3.0, 0.45, 64,
               d.crop, d.stride, d.logit_scale, 0.0, *beyond, progress=None)
 
@@ -55,7 +59,7 @@ def select(x, y):
 
 
 def clicked(app, record, x=W * 0.6, y=H * 0.4):
-    return app.click_mask(record, demo_app.MEAN_HEADS, select(x, y))[-1]
+    return app.click_mask(record, MEAN_HEADS, select(x, y))[-1]
 
 
 # --------------------------------------------------------------------------- the switches
@@ -128,10 +132,10 @@ def _lines(text):
 
 
 def test_step_view_before_a_click(app, photo):
-    gallery, text, pass_update = app.feedback_steps(None, "pass 1", demo_app.MEAN_HEADS)
-    assert gallery == [] and text == demo_app.NO_STEPS_MESSAGE and pass_update["choices"] == ["pass 1"]
+    gallery, text, pass_update = app.feedback_steps(None, "pass 1", MEAN_HEADS)
+    assert gallery == [] and text == NO_STEPS_MESSAGE and pass_update["choices"] == ["pass 1"]
     record = run(app, photo)[3]
-    assert app.feedback_steps(record, "pass 1", None)[1] == demo_app.NO_STEPS_MESSAGE  # no point clicked yet
+    assert app.feedback_steps(record, "pass 1", None)[1] == NO_STEPS_MESSAGE  # no point clicked yet
     off = run(app, photo, fsa_on=False)[3]
     assert "FSA is off" in app.feedback_steps(off, "pass 1", None)[1]
 
@@ -141,7 +145,7 @@ def test_step_view_of_a_click_plays_every_pass(app, photo, compare_calls):
     assert len(compare_calls) == 1
     ex = record.explain(*record.point)
     for t in (1, 2):
-        gallery, text, pass_update = app.feedback_steps(record, f"pass {t}", demo_app.MEAN_HEADS)
+        gallery, text, pass_update = app.feedback_steps(record, f"pass {t}", MEAN_HEADS)
         assert pass_update["choices"] == ["pass 1", "pass 2"] and pass_update["value"] == f"pass {t}"
         assert len(gallery) == viz.FEEDBACK_STEPS == 7
         lines = _lines(text)
@@ -192,7 +196,7 @@ def test_step_view_follows_the_switches(app, photo):
 
 
 def test_page_has_the_section_closed_with_labelled_switches(app):
-    demo = demo_app.build_demo(app)
+    demo = build_demo(app)
     by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
     section = by_id["beyond-section"]
     assert section.label == "Explore beyond the paper" and section.open is False
@@ -215,7 +219,7 @@ def test_steps_are_drawn_only_while_their_section_is_open(app, monkeypatch):
     assert drawn == []
     assert app.feedback_steps_if_shown("rec", "pass 1", None, True) == ("g", "t", "p")
     assert drawn == [("rec", "pass 1", None)]
-    demo = demo_app.build_demo(app)
+    demo = build_demo(app)
     section = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "beyond-section")
     triggers = {(t[0], t[1]) for dep in demo.fns.values() for t in dep.targets}
     assert (section._id, "expand") in triggers and (section._id, "collapse") in triggers

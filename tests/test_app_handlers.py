@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import app as demo_app
+from fsa import visualize as viz
+from fsa.demo.forms import MEAN_HEADS, head_choices
+from fsa.demo.guards import check_number_inputs, friendly_errors
+from fsa.demo.handlers import DemoApp
+from fsa.demo.page import EXAMPLES
+from fsa.demo.server import server_options
 from _app_fixtures import count_compare_calls
 import fsa
 from fsa.checks import NumericalError
@@ -25,7 +30,7 @@ W, H = 96, 64
 
 @pytest.fixture(scope="module")
 def app():
-    return demo_app.DemoApp(short_side=64)
+    return DemoApp(short_side=64)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +47,7 @@ def run(app, image, vocabulary=VOCAB, method="clearclip", fsa_on=True, record=No
     d = METHOD_DEFAULTS[method]
     crop = d.crop if crop is None else crop
     stride = d.stride if stride is None else stride
-    fn = demo_app.friendly_errors(app.run)
+    fn = friendly_errors(app.run)
     return fn(record, image, vocabulary, method, app.default_backbone, *_fsa_args(fsa_on), 64, crop, stride,
               d.logit_scale, 0.0, progress=None)
 
@@ -72,15 +77,15 @@ def test_app_defaults_and_status(app):
 
 
 def test_method_defaults_follow_config(app):
-    published = demo_app.DemoApp(preload=False)  # no fixed short side: each method's published one
+    published = DemoApp(preload=False)  # no fixed short side: each method's published one
     for method in METHODS:
         d = METHOD_DEFAULTS[method]
         assert published.method_defaults(method) == (d.short_side, d.crop, d.stride, d.logit_scale)
         assert app.method_defaults(method) == (64, d.crop, d.stride, d.logit_scale)  # the app's fixed one
     assert [published.short_side_for(m) for m in ("proxyclip", "sclip", "naclip", "clearclip")] == [336, 336, 336, 448]
     assert published.settings("sclip", True, True, True, True, 3.0, 0.45).resolved_short_side() == 336
-    assert demo_app.DemoApp.backbone_defaults("ViT-H-14") == pytest.approx(2.3)
-    assert demo_app.DemoApp.backbone_defaults("ViT-B-16") == pytest.approx(3.0)
+    assert DemoApp.backbone_defaults("ViT-H-14") == pytest.approx(2.3)
+    assert DemoApp.backbone_defaults("ViT-B-16") == pytest.approx(3.0)
 
 
 def test_settings_from_fields(app):
@@ -95,12 +100,12 @@ def test_settings_from_fields(app):
 def test_server_options_from_env(monkeypatch):
     for name in ("GRADIO_SERVER_PORT", "PORT", "GRADIO_SERVER_NAME"):
         monkeypatch.delenv(name, raising=False)
-    assert demo_app.server_options() == {"server_name": None, "server_port": None}
+    assert server_options() == {"server_name": None, "server_port": None}
     monkeypatch.setenv("PORT", "8123")
-    assert demo_app.server_options() == {"server_name": "0.0.0.0", "server_port": 8123}
+    assert server_options() == {"server_name": "0.0.0.0", "server_port": 8123}
     monkeypatch.setenv("GRADIO_SERVER_PORT", "9001")
     monkeypatch.setenv("GRADIO_SERVER_NAME", "127.0.0.1")
-    assert demo_app.server_options() == {"server_name": "127.0.0.1", "server_port": 9001}
+    assert server_options() == {"server_name": "127.0.0.1", "server_port": 9001}
 
 
 # --------------------------------------------------------------------------- Segment
@@ -120,9 +125,9 @@ def test_run_returns_both_masks_and_summary(app, photo, first_run):
     assert cleared[:5] == [None] * 5 and "Click" in cleared[5]
     assert record.class_names == tuple(direct.fsa.class_names)
     # the picture part of each mask is the class colours over the image
-    colors = demo_app.viz.class_colors(direct.fsa.class_names)
+    colors = viz.class_colors(direct.fsa.class_names)
     for mask, result in ((baseline, direct.baseline), (fsa_mask, direct.fsa)):
-        expected = demo_app.viz.segmentation_panel(result.image, result.labels, result.class_names, colors=colors)
+        expected = viz.segmentation_panel(result.image, result.labels, result.class_names, colors=colors)
         np.testing.assert_array_equal(mask[:H], expected)
 
 
@@ -131,7 +136,7 @@ def test_run_with_fsa_off(app, photo):
     assert baseline.shape[1] == W and fsa_mask is None and record.diagnostics is None
     assert "FSA off" in summary
     with pytest.raises(gr.Error, match="switch FSA on"):
-        app.click_mask(record, demo_app.MEAN_HEADS, select(10, 10))
+        app.click_mask(record, MEAN_HEADS, select(10, 10))
 
 
 @pytest.mark.parametrize("kind", ["uint16-gray", "rgba", "gray", "palette", "uint16-array"])
@@ -176,27 +181,27 @@ def test_unexpected_errors_become_gr_errors_without_traceback():
         raise KeyError("internal detail")
 
     with pytest.raises(gr.Error, match="Unexpected error") as info:
-        demo_app.friendly_errors(boom)()
+        friendly_errors(boom)()
     assert "Traceback" not in str(info.value)
 
     def missing():
         raise fsa.WeightsUnavailableError("ViT-B-16 CLIP weights are not in the cache; run `hf download ...`")
 
     with pytest.raises(gr.Error, match="hf download"):
-        demo_app.friendly_errors(missing)()
+        friendly_errors(missing)()
 
 
 # --------------------------------------------------------------------------- clicked patch
 def test_click_before_any_run_is_a_clear_error(app):
     for handler in (app.click_mask, app.click_input):
         with pytest.raises(gr.Error, match="Run a segmentation first"):
-            demo_app.friendly_errors(handler)(None, demo_app.MEAN_HEADS, select(5, 5))
+            friendly_errors(handler)(None, MEAN_HEADS, select(5, 5))
 
 
 def test_click_reuses_the_sessions_forward_pass(app, photo, compare_calls):
     *_, record = run(app, photo)[:4]
     assert len(compare_calls) == 1
-    outs = app.click_mask(record, demo_app.MEAN_HEADS, select(W * 0.7, H * 0.4))
+    outs = app.click_mask(record, MEAN_HEADS, select(W * 0.7, H * 0.4))
     original, new, adapted, similarity, chart, text, head_update, record2 = outs
     for img in (original, new, adapted, similarity):
         assert img.shape == (H, W, 3) and img.dtype == np.uint8
@@ -205,43 +210,43 @@ def test_click_reuses_the_sessions_forward_pass(app, photo, compare_calls):
     assert record2.point == pytest.approx((W * 0.7, H * 0.4)) and record2.diagnostics is record.diagnostics
     # the marker is drawn where the query patch is
     exp = record.explain(W * 0.7, H * 0.4)
-    y0, x0, y1, x1 = demo_app.viz.patch_box(exp.window, exp.grid, exp.patch, original.shape)
-    assert tuple(original[max(0, y0 - 1), (x0 + x1) // 2]) == demo_app.viz.MARKER_COLOR
+    y0, x0, y1, x1 = viz.patch_box(exp.window, exp.grid, exp.patch, original.shape)
+    assert tuple(original[max(0, y0 - 1), (x0 + x1) // 2]) == viz.MARKER_COLOR
     # clicking again (another point, the input image, another head) runs no network pass
     app.click_mask(record2, "head 1", select(3, 3))
-    app.click_input(record2, demo_app.MEAN_HEADS, select(W - 1, H - 1))
+    app.click_input(record2, MEAN_HEADS, select(W - 1, H - 1))
     assert len(compare_calls) == 1
-    assert head_update["choices"] == demo_app.head_choices(exp.num_heads)
+    assert head_update["choices"] == head_choices(exp.num_heads)
 
 
 def test_click_on_a_padded_window_reports_the_window_inside_the_image(app):
     """100 px wide at short side 64: one window of 64×100, padded by 6 px left and right to 7 patches."""
     wide = Image.open(REPO / "examples" / "coffee.jpg").convert("RGB").resize((100, 64))
     record = run(app, wide)[3]
-    outputs = app.click_mask(record, demo_app.MEAN_HEADS, select(50, 30))
+    outputs = app.click_mask(record, MEAN_HEADS, select(50, 30))
     text = outputs[5]
     assert "of a 4×7 grid, in the window x 0–100, y 0–64; its grid also covers the zero padding" in text
 
 
 def test_click_on_input_image_scales_to_result_pixels(app, first_run):
     record = replace(first_run[3], input_size=(2 * W, 2 * H))  # as if the user's image was twice as large
-    *_, new_record = app.click_input(record, demo_app.MEAN_HEADS, select(2 * 10, 2 * 20))
+    *_, new_record = app.click_input(record, MEAN_HEADS, select(2 * 10, 2 * 20))
     assert new_record.point == pytest.approx((10, 20))
 
 
 def test_click_on_legend_or_outside_is_rejected(app, first_run):
     record = first_run[3]
     with pytest.raises(gr.Error, match="legend"):
-        app.click_mask(record, demo_app.MEAN_HEADS, select(5, H + 3))
+        app.click_mask(record, MEAN_HEADS, select(5, H + 3))
     with pytest.raises(gr.Error, match="outside"):
-        app.click_input(record, demo_app.MEAN_HEADS, select(W + 5, 3))
+        app.click_input(record, MEAN_HEADS, select(W + 5, 3))
 
 
 def test_head_selector_redraws_without_a_run(app, first_run, compare_calls):
     record = first_run[3]
     assert app.change_head(record, "head 1") == (gr.skip(),) * 7  # nothing clicked yet
-    *_, clicked = app.click_mask(record, demo_app.MEAN_HEADS, select(W // 2, H // 2))
-    mean_maps = app.change_head(clicked, demo_app.MEAN_HEADS)
+    *_, clicked = app.click_mask(record, MEAN_HEADS, select(W // 2, H // 2))
+    mean_maps = app.change_head(clicked, MEAN_HEADS)
     head_maps = app.change_head(clicked, "head 2")
     assert not np.array_equal(mean_maps[0], head_maps[0]), "one head's A₀ row should differ from the mean"
     np.testing.assert_array_equal(mean_maps[1], head_maps[1])  # A_new is shared by all heads
@@ -253,7 +258,7 @@ def test_head_selector_redraws_without_a_run(app, first_run, compare_calls):
 
 # --------------------------------------------------------------------------- API handlers
 def test_api_attention_runs_once_then_reuses(app, photo, compare_calls):
-    outs = app.api_attention(None, photo, "cup, table", "sclip", 40, 30, demo_app.MEAN_HEADS, progress=None)
+    outs = app.api_attention(None, photo, "cup, table", "sclip", 40, 30, MEAN_HEADS, progress=None)
     record = outs[-1]
     assert len(outs) == 7 and outs[0].shape == (H, W, 3)
     app.api_attention(record, photo, "cup, table", "sclip", 10, 10, "head 1", progress=None)
@@ -292,7 +297,7 @@ def _miou_row(table):
 def test_score_before_any_run_is_a_clear_error(app, tmp_path):
     path, _ = _reference_png(tmp_path, 3)
     with pytest.raises(gr.Error, match="Run a segmentation first"):
-        demo_app.friendly_errors(app.score)(None, path)
+        friendly_errors(app.score)(None, path)
 
 
 def test_score_the_sessions_last_run(app, first_run, tmp_path, compare_calls):
@@ -307,14 +312,14 @@ def test_score_the_sessions_last_run(app, first_run, tmp_path, compare_calls):
     for labels, x0 in ((record.labels, 0), (record.fsa_labels, W + 6)):
         panel = maps[24: 24 + H, x0: x0 + W]
         wrong = (labels != ref) & (ref != 255)
-        assert (panel[wrong] == demo_app.viz.ERROR_COLOR).all()
-        assert not (panel[~wrong] == demo_app.viz.ERROR_COLOR).all(axis=1).any()
+        assert (panel[wrong] == viz.ERROR_COLOR).all()
+        assert not (panel[~wrong] == viz.ERROR_COLOR).all(axis=1).any()
     assert compare_calls == []  # scoring reuses the session's forward pass
     with pytest.raises(gr.Error, match="Upload a reference mask"):
-        demo_app.friendly_errors(app.score)(record, None)
+        friendly_errors(app.score)(record, None)
     small, _ = _reference_png(tmp_path, 3, size=(W - 1, H))
     with pytest.raises(gr.Error, match=f"reference mask is {W - 1}×{H} pixels but the segmented image is {W}×{H}"):
-        demo_app.friendly_errors(app.score)(record, small)
+        friendly_errors(app.score)(record, small)
 
 
 def test_score_with_fsa_off_shows_the_baseline_only(app, photo, tmp_path):
@@ -361,14 +366,14 @@ def test_compare_all_renders_every_baseline(app, photo):
     # every row holds two 256-px-wide cells of the 96×64 image (scaled to 256×171), plus labels
     assert grid.shape[0] > len(METHODS) * 171
     with pytest.raises(gr.Error, match="Upload an image"):
-        demo_app.friendly_errors(app.compare_all)(None, "cup", None, True, True, True, True, 3.0, 0.45, 64, 0.0,
+        friendly_errors(app.compare_all)(None, "cup", None, True, True, True, True, 3.0, 0.45, 64, 0.0,
                                                   progress=None)
 
 
 def test_examples_exist_with_licences():
     sources = (REPO / "examples" / "SOURCES.md").read_text()
-    assert len(demo_app.EXAMPLES) >= 5
-    for name, vocabulary, method in demo_app.EXAMPLES:
+    assert len(EXAMPLES) >= 5
+    for name, vocabulary, method in EXAMPLES:
         assert (REPO / "examples" / name).is_file(), name
         assert name in sources, f"{name} has no entry in examples/SOURCES.md"
         assert method in METHODS and vocabulary.strip()
@@ -407,7 +412,7 @@ def test_a_user_error_is_one_log_line_without_traceback(error, shown, caplog):
 
     caplog.set_level("INFO", logger="fsa.app")
     with pytest.raises(gr.Error) as info:
-        demo_app.friendly_errors(callback)()
+        friendly_errors(callback)()
     assert info.value.message.startswith(shown)
     assert info.value.print_exception is False  # or Gradio prints the traceback itself
     records = _records(caplog)
@@ -424,7 +429,7 @@ def test_a_bug_logs_its_traceback(error, caplog):
         raise error
 
     with pytest.raises(gr.Error) as info:
-        demo_app.friendly_errors(callback)()
+        friendly_errors(callback)()
     assert info.value.print_exception is False  # logged once, by us
     records = _records(caplog)
     assert len(records) == 1 and records[0].levelname == "ERROR"
@@ -452,7 +457,7 @@ def test_a_bug_logs_its_traceback(error, caplog):
 def test_bad_numbers_in_the_fields_give_specific_errors(app, photo, field, value, message, compare_calls, caplog):
     fields = dict(lam=3.0, p=0.45, short_side=64, crop=224, stride=112, logit_scale=40.0, bg_threshold=0.0)
     fields[field] = value
-    fn = demo_app.friendly_errors(app.run)
+    fn = friendly_errors(app.run)
     with pytest.raises(gr.Error, match=re.escape(message)) as info:
         fn(None, photo, VOCAB, "clearclip", app.default_backbone, True, True, True, True, fields["lam"], fields["p"],
            fields["short_side"], fields["crop"], fields["stride"], fields["logit_scale"], fields["bg_threshold"],
@@ -466,7 +471,7 @@ def test_number_inputs_are_checked_before_gradio_converts_them():
         side = gr.Number(448, label="Short side (pixels)", precision=0, minimum=16, maximum=2048)
         lam = gr.Slider(0.0, 10.0, value=3.0, label="λ")
         free = gr.Number(label="x")
-    demo_app.check_number_inputs(demo)
+    check_number_inputs(demo)
     assert side.preprocess(448.0) == 448 and lam.preprocess(2.5) == 2.5 and free.preprocess(None) is None
     cases = [(side, float("nan"), "Short side (pixels) must be a finite number in [16, 2048], got nan"),
              (side, float("inf"), "Short side (pixels) must be a finite number in [16, 2048], got inf"),

@@ -12,18 +12,24 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import app as demo_app
+from fsa import visualize as viz
+from fsa.demo.forms import MEAN_HEADS
+from fsa.demo.guards import friendly_errors
+from fsa.demo.handlers import DemoApp
+from fsa.demo.limits import ATTENTION_BUDGET_BYTES, ATTENTION_COPIES, CLASS_BUDGET_PIXELS, RuntimeLimits, class_budget_message, window_batch_for
+from fsa.demo.page import build_demo
+from fsa.demo.server import prune_empty_dirs
+from fsa.demo.views import COMPARE_CELL_WIDTH
 from _app_fixtures import write_bad_images
 from fsa.config import METHOD_DEFAULTS, METHODS
 from fsa.images import read_bounded, working_size
 
 REPO = Path(__file__).resolve().parents[1]
-RuntimeLimits = demo_app.RuntimeLimits
 
 
 @pytest.fixture(scope="module")
 def app():
-    return demo_app.DemoApp(short_side=64, limits=RuntimeLimits())
+    return DemoApp(short_side=64, limits=RuntimeLimits())
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +47,7 @@ def files(tmp_path_factory):
 def run(app, image, vocabulary="cup, table", method="clearclip", short_side=64, crop=None, fsa_on=True):
     d = METHOD_DEFAULTS[method]
     crop = d.crop if crop is None else crop
-    return demo_app.friendly_errors(app.run)(None, image, vocabulary, method, app.default_backbone, fsa_on, True,
+    return friendly_errors(app.run)(None, image, vocabulary, method, app.default_backbone, fsa_on, True,
                                              True, True, 3.0, 0.45, short_side, crop, d.stride, d.logit_scale, 0.0,
                                              progress=None)
 
@@ -65,10 +71,10 @@ def test_bad_uploads_are_named_by_our_decoder(app, files, name, message):
             if handler == "run":
                 run(app, files[name])
             elif handler == "compare_all":
-                demo_app.friendly_errors(app.compare_all)(files[name], "cup", None, True, True, True, True, 3.0,
+                friendly_errors(app.compare_all)(files[name], "cup", None, True, True, True, True, 3.0,
                                                           0.45, 64, 0.0, progress=None)
             else:
-                demo_app.friendly_errors(app.api_attention)(None, files[name], "cup", "clearclip", 3, 3, None,
+                friendly_errors(app.api_attention)(None, files[name], "cup", "clearclip", 3, 3, None,
                                                             progress=None)
         assert "Traceback" not in str(info.value) and "/tmp" not in str(info.value)
 
@@ -84,11 +90,11 @@ def test_a_large_upload_is_segmented_at_the_working_size(app, files):
     d = METHOD_DEFAULTS["clearclip"]
     settings = app.settings("clearclip", True, True, True, True, 3.0, 0.45, 64, d.crop, d.stride, d.logit_scale, 0.0)
     direct = app.segmenter().compare(decoded, "cup, table", settings)
-    colors = demo_app.viz.class_colors(direct.fsa.class_names)
-    expected = demo_app.viz.segmentation_panel(decoded, direct.fsa.labels, direct.fsa.class_names, colors=colors)
+    colors = viz.class_colors(direct.fsa.class_names)
+    expected = viz.segmentation_panel(decoded, direct.fsa.labels, direct.fsa.class_names, colors=colors)
     np.testing.assert_array_equal(fsa_mask[:wh], expected)
     # a click given in the upload's pixels lands on the same spot of the working picture
-    *_, clicked = app.click_input(record, demo_app.MEAN_HEADS, select(750, 500))
+    *_, clicked = app.click_input(record, MEAN_HEADS, select(750, 500))
     assert clicked.point == pytest.approx((750 * ww / 1500, 500 * wh / 1000))
 
 
@@ -103,13 +109,13 @@ def test_the_session_record_holds_no_full_resolution_maps(app, files):
         t.numel() * t.element_size() for d in record.diagnostics.details for t in (d.q, d.k, d.pi))
     assert held < 1 << 20  # ~the 96×64 picture, its two label maps and the tiny model's q, k, Π
     # a click builds the N×N matrices of its window for itself: the session's store stays lean
-    app.click_mask(record, demo_app.MEAN_HEADS, select(5, 5))
+    app.click_mask(record, MEAN_HEADS, select(5, 5))
     assert record.diagnostics._cached is None
 
 
 # --------------------------------------------------------------------------- budgets
 def test_over_the_pixel_budget_is_refused(files):
-    small_budget = demo_app.DemoApp(short_side=64, preload=False, limits=RuntimeLimits(max_pixels=100_000))
+    small_budget = DemoApp(short_side=64, preload=False, limits=RuntimeLimits(max_pixels=100_000))
     # a PNG has no reduced decoding: its full size counts
     with pytest.raises(gr.Error, match=r"big.png is 1500×1000 pixels \(1.5 megapixels\); this server decodes "
                                        r"at most 0.1 megapixels: downscale the image first"):
@@ -117,7 +123,7 @@ def test_over_the_pixel_budget_is_refused(files):
 
 
 def test_too_many_classes_are_refused_with_the_limit(files):
-    few = demo_app.DemoApp(short_side=64, preload=False, limits=RuntimeLimits(max_classes=3))
+    few = DemoApp(short_side=64, preload=False, limits=RuntimeLimits(max_classes=3))
     with pytest.raises(gr.Error, match=r"has 4 names \(class names and synonyms\); this server takes at most 3\. "
                                        r"Remove some names \(limit FSA_MAX_CLASSES=3\)"):
         run(few, files["photo"], vocabulary="cup; mug, table, saucer")
@@ -127,7 +133,7 @@ def test_too_many_classes_are_refused_with_the_limit(files):
 def test_a_large_working_image_allows_fewer_classes(app, files):
     # 96×64 at a 2048-px short side: the long side is capped at 2048 → 2048×1365 working pixels
     wh, ww = working_size(64, 96, 2048, min_side=16)
-    allowed = 150 * demo_app.CLASS_BUDGET_PIXELS // (wh * ww)
+    allowed = 150 * CLASS_BUDGET_PIXELS // (wh * ww)
     vocabulary = ", ".join(f"thing{i}" for i in range(allowed + 1))
     with pytest.raises(gr.Error, match=rf"takes at most {allowed} for a {ww}×{wh} working image \(lower the short "
                                        rf"side"):
@@ -144,16 +150,16 @@ def test_a_window_over_the_attention_budget_is_refused(app, files):
 
 def test_window_batch_and_class_budget_formulas():
     # heads × (tokens + 1)² float32 matrices, ATTENTION_COPIES of them per window
-    per_window = 12 * 785 ** 2 * 4 * demo_app.ATTENTION_COPIES
-    assert demo_app.window_batch_for(784, 12, 4) == min(4, demo_app.ATTENTION_BUDGET_BYTES // per_window)
-    assert demo_app.window_batch_for(784, 12, 4) == 4  # ViT-B/16's 448-px windows: the default batch fits
-    assert demo_app.window_batch_for(64 * 64, 16, 4) == 0  # a 1024-px window of ViT-L/14 does not
-    assert demo_app.class_budget_message(150, (448, 597), 150) is None  # a 4:3 photo at the default size
-    assert "at most 150." in demo_app.class_budget_message(151, (448, 597), 150)
+    per_window = 12 * 785 ** 2 * 4 * ATTENTION_COPIES
+    assert window_batch_for(784, 12, 4) == min(4, ATTENTION_BUDGET_BYTES // per_window)
+    assert window_batch_for(784, 12, 4) == 4  # ViT-B/16's 448-px windows: the default batch fits
+    assert window_batch_for(64 * 64, 16, 4) == 0  # a 1024-px window of ViT-L/14 does not
+    assert class_budget_message(150, (448, 597), 150) is None  # a 4:3 photo at the default size
+    assert "at most 150." in class_budget_message(151, (448, 597), 150)
     # a 16:9 photo has 448 × 796 working pixels: 150 · 597 · 448 / (448 · 796) = 112.5 → 112 names
-    assert "at most 112 for a 796×448 working image" in demo_app.class_budget_message(113, (448, 796), 150)
-    assert demo_app.class_budget_message(112, (448, 796), 150) is None
-    assert "lower the short side" in demo_app.class_budget_message(1, (4000, 4000), 1)
+    assert "at most 112 for a 796×448 working image" in class_budget_message(113, (448, 796), 150)
+    assert class_budget_message(112, (448, 796), 150) is None
+    assert "lower the short side" in class_budget_message(1, (4000, 4000), 1)
 
 
 def test_limits_from_the_environment():
@@ -188,7 +194,7 @@ def test_compare_all_holds_one_methods_results_at_a_time(app, files, monkeypatch
                                  progress=None)
     assert len(earlier) == 3 * len(METHODS)
     assert text.startswith(f"{len(METHODS)} baselines")
-    assert grid.shape[1] == 2 * demo_app.COMPARE_CELL_WIDTH + 3 * 4
+    assert grid.shape[1] == 2 * COMPARE_CELL_WIDTH + 3 * 4
 
 
 def test_compare_all_cells_equal_the_masks_of_each_method(app, files):
@@ -200,16 +206,16 @@ def test_compare_all_cells_equal_the_masks_of_each_method(app, files):
     (method, cells, seconds, error), = rows
     assert method == "naclip" and error is None and seconds > 0
     out = app.segmenter().compare(rgb, "cup, table", settings)
-    colors = demo_app.viz.class_colors(names)
+    colors = viz.class_colors(names)
     for cell, result in zip(cells, (out.baseline, out.fsa)):
-        panel = demo_app.viz.segmentation_panel(rgb, result.labels, names, colors=colors)  # 96×64
+        panel = viz.segmentation_panel(rgb, result.labels, names, colors=colors)  # 96×64
         expected = cv2.resize(panel, (256, round(64 * 256 / 96)), interpolation=cv2.INTER_LINEAR)
         np.testing.assert_array_equal(cell, expected)
 
 
 # --------------------------------------------------------------------------- the page's wiring
 def test_queue_groups_and_progress(app):
-    demo = demo_app.build_demo(app)
+    demo = build_demo(app)
     fns = {fn.api_name: fn for fn in demo.fns.values()}
     for name in ("run", "segment", "compare_all"):
         assert (fns[name].concurrency_id, fns[name].concurrency_limit) == ("model", app.limits.concurrency)
@@ -234,6 +240,6 @@ def test_prune_empty_dirs(tmp_path):
     past = time.time() - 100
     for folder in (old_empty, old_full):
         os.utime(folder, (past, past))
-    assert demo_app.prune_empty_dirs(tmp_path, older_than=50) == 1
+    assert prune_empty_dirs(tmp_path, older_than=50) == 1
     assert not old_empty.exists() and fresh_empty.exists() and old_full.exists()
-    assert demo_app.prune_empty_dirs(tmp_path / "missing", older_than=50) == 0
+    assert prune_empty_dirs(tmp_path / "missing", older_than=50) == 0

@@ -15,7 +15,9 @@ from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
 from PIL import Image
 
-import app as demo_app
+from fsa.demo.guards import CANCELLED_MESSAGE
+from fsa.demo.limits import RuntimeLimits
+from fsa.demo.sessions import RunRecord
 from _app_fixtures import launched_demo, write_bad_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +26,7 @@ VOCAB = "cup, table"
 
 def launched(limits=None):
     """`launched_demo` with these limits (the defaults, whatever the environment says)."""
-    return launched_demo(limits=limits or demo_app.RuntimeLimits())
+    return launched_demo(limits=limits or RuntimeLimits())
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def _session_records(demo, session_hash: str) -> list:
     session = demo.server_app.state_holder.session_data.get(session_hash)
     if session is None:
         return []
-    return [v for v in session.state_data.values() if isinstance(v, demo_app.RunRecord)]
+    return [v for v in session.state_data.values() if isinstance(v, RunRecord)]
 
 
 def _wait_for(condition, timeout: float, step: float = 0.1) -> bool:
@@ -83,7 +85,7 @@ def test_bad_uploads_reach_the_client_as_our_message(server, files, name, messag
 
 # --------------------------------------------------------------------------- sessions
 def test_session_state_is_dropped_after_its_ttl(files):
-    with launched(demo_app.RuntimeLimits(session_ttl=1.0)) as (app, demo, url):
+    with launched(RuntimeLimits(session_ttl=1.0)) as (app, demo, url):
         client = Client(url, verbose=False)  # stays connected (heartbeat) for the whole test
         client.predict(handle_file(files["photo"]), VOCAB, api_name="/segment")
         assert len(_session_records(demo, client.session_hash)) == 1
@@ -97,7 +99,7 @@ def test_session_state_is_dropped_after_its_ttl(files):
 
 def test_session_state_is_dropped_when_the_client_leaves(files, monkeypatch):
     monkeypatch.setenv("GRADIO_HEARTBEAT_INTERVAL", "0.2")  # how soon the server notices a closed page
-    with launched(demo_app.RuntimeLimits(session_ttl=3600.0)) as (app, demo, url):
+    with launched(RuntimeLimits(session_ttl=3600.0)) as (app, demo, url):
         clients = [Client(url, verbose=False) for _ in range(3)]
         for client in clients:
             client.predict(handle_file(files["photo"]), VOCAB, api_name="/segment")
@@ -122,7 +124,7 @@ def _temp_files(root: Path) -> list[Path]:
 def test_the_temp_folder_is_swept(files, tmp_path, monkeypatch):
     root = tmp_path / "gradio"
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(root))
-    with launched(demo_app.RuntimeLimits(temp_ttl=1.0)) as (app, demo, url):  # swept every second
+    with launched(RuntimeLimits(temp_ttl=1.0)) as (app, demo, url):  # swept every second
         kept = set(demo.keep_in_cache).union(*(getattr(b, "keep_in_cache", set()) for b in demo.blocks.values()))
         client = Client(url, verbose=False)
         for path in (files["photo"], files["other"]):
@@ -185,7 +187,7 @@ def test_a_cancelled_job_stops_at_its_next_progress_report(server, files, slow_p
     assert _wait_for(lambda: job.status().code in (Status.PROCESSING, Status.PROGRESS), timeout=30)
     job.cancel()
     assert slow_pass["stopped"].wait(30), "the cancelled job kept running"
-    assert demo_app.CANCELLED_MESSAGE in str(slow_pass["outcome"])
+    assert CANCELLED_MESSAGE in str(slow_pass["outcome"])
     client.close()
     monkeypatch.undo()
     _assert_model_free(server, files)
@@ -211,7 +213,7 @@ def test_a_job_whose_page_closed_stops_at_its_next_progress_report(server, files
                 break  # the pass is running: now the page goes away
     assert slow_pass["started"].is_set()
     assert slow_pass["stopped"].wait(30), "the job kept running after its page closed"
-    assert demo_app.CANCELLED_MESSAGE in str(slow_pass["outcome"])
+    assert CANCELLED_MESSAGE in str(slow_pass["outcome"])
     monkeypatch.undo()
     _assert_model_free(server, files)
 

@@ -1,4 +1,4 @@
-"""fsa.backbones: names, the tiny test CLIP, local checkpoints, the model cache."""
+"""fsa.backbones: names, the tiny test CLIP, local checkpoints; fsa.hub: devices; fsa.cache: the model cache."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,16 +9,10 @@ import open_clip
 import pytest
 import torch
 
-from fsa import backbones
-from fsa.backbones import (
-    LoadedClip,
-    ModelCache,
-    WeightsUnavailableError,
-    clip_cache_key,
-    load_clip,
-    resolve_backbone_name,
-    tiny_test_clip,
-)
+from fsa import backbones, hub
+from fsa.backbones import LoadedClip, clip_cache_key, load_clip, resolve_backbone_name, tiny_test_clip
+from fsa.cache import ModelCache
+from fsa.hub import WeightsUnavailableError
 
 
 @pytest.mark.parametrize(
@@ -106,13 +100,13 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path):
 
 
 def test_device_resolution():
-    assert backbones.resolve_device("cpu") == torch.device("cpu")
-    assert backbones.model_dtype(torch.device("cpu")) == torch.float32
-    assert backbones.model_dtype(torch.device("cuda")) == torch.float16
+    assert hub.resolve_device("cpu") == torch.device("cpu")
+    assert hub.model_dtype(torch.device("cpu")) == torch.float32
+    assert hub.model_dtype(torch.device("cuda")) == torch.float16
     if not torch.cuda.is_available():
-        assert backbones.resolve_device(None) == torch.device("cpu")
+        assert hub.resolve_device(None) == torch.device("cpu")
         with pytest.raises(ValueError, match="CUDA is not available"):
-            backbones.resolve_device("cuda")
+            hub.resolve_device("cuda")
 
 
 def test_cache_keys_distinguish_models():

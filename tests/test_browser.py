@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import app as demo_app
+from fsa.demo.handlers import DemoApp
+from fsa.demo.page import build_demo
 
 pytestmark = pytest.mark.browser
 
@@ -52,7 +53,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def url():
-    demo = demo_app.build_demo(demo_app.DemoApp(short_side=112))
+    demo = build_demo(DemoApp(short_side=112))
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
     try:
         yield demo.local_url

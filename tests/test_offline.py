@@ -15,8 +15,9 @@ import pytest
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import RemoteEntryNotFoundError
 
-from fsa import backbones
-from fsa.backbones import WeightsUnavailableError, fetch_hub_file, load_clip
+from fsa import hub
+from fsa.backbones import load_clip
+from fsa.hub import WeightsUnavailableError, fetch_hub_file
 from fsa.proxies import load_proxy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def test_silent_endpoint_is_bounded_by_the_probe_timeout(empty_cache, monkeypatc
     server.bind(("127.0.0.1", 0))
     server.listen(8)  # never accept(): the kernel completes handshakes, nobody answers
     monkeypatch.setattr(hf_constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
-    monkeypatch.setattr(backbones, "HUB_PROBE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(hub, "HUB_PROBE_TIMEOUT_S", 0.5)
     try:
         start = time.perf_counter()
         with pytest.raises(WeightsUnavailableError, match=r"is unreachable \((no answer within 0.5 s|timed out)\)"):
@@ -125,7 +126,7 @@ def test_cached_but_unusable_weights_are_reported(empty_cache):
 
 def test_download_falls_back_to_the_second_format(empty_cache, monkeypatch, tmp_path):
     """Reachable hub (probe stubbed): missing first file -> second; other errors -> WeightsUnavailableError."""
-    monkeypatch.setattr(backbones, "_hub_unreachable", lambda timeout=None: None)
+    monkeypatch.setattr(hub, "_hub_unreachable", lambda timeout=None: None)
     asked = []
 
     def fake_download(repo_id, filename, **kwargs):

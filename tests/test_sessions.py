@@ -10,7 +10,7 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-import app as demo_app
+from fsa.demo.sessions import RunRecord
 from _app_fixtures import count_compare_calls, launched_app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,5 +73,5 @@ def test_the_app_object_keeps_no_per_user_results(server, images):
     app, url = server
     Client(url, verbose=False).predict(handle_file(images["A"][0]), images["A"][1], api_name="/segment")
     for value in vars(app).values():
-        assert not isinstance(value, demo_app.RunRecord)
+        assert not isinstance(value, RunRecord)
         assert type(value).__name__ not in ("SegmentationResult", "ComparisonResult")

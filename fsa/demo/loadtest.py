@@ -1,7 +1,7 @@
-"""Load test of the demo app: ``python -m fsa loadtest`` (also ``python -m fsa.loadtest``).
+"""Load test of the demo app: ``python -m fsa loadtest`` (also ``python -m fsa.demo.loadtest``).
 
-Starts ``python app.py`` from this checkout on a loopback port with its own temp folder, drives it with
-``gradio_client`` (bounded request loops only) and prints what a public Space must survive:
+Starts the app (``python -m fsa.demo``, as ``python app.py`` starts it) on a loopback port with its own
+temp folder, drives it with ``gradio_client`` (bounded request loops only) and prints what a public Space must survive:
 
 - peaks: the server's extra memory for one huge upload (10000×10000 JPEG and PNG), many classes, a
   compare-all, and that requests over the budgets are refused with a message instead;
@@ -49,7 +49,7 @@ class Row:
 
 @dataclass
 class Server:
-    """`python app.py` in a subprocess, and its RSS sampled in a thread."""
+    """The app (`python -m fsa.demo`) in a subprocess, and its RSS sampled in a thread."""
 
     process: subprocess.Popen
     url: str
@@ -101,18 +101,20 @@ def _free_port() -> int:
 
 
 def start_server(work: Path, args: argparse.Namespace) -> Server:
-    app_py = Path(__file__).resolve().parents[1] / "app.py"
-    if not app_py.is_file():
-        raise FileNotFoundError(f"{app_py} not found: run the load test from a checkout of the project")
     port = _free_port()
-    env = dict(os.environ, FSA_MODEL=args.model, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
+    # The folder that holds this `fsa` package first on the server's path, so that it runs this very code;
+    # OMP_WAIT_POLICY as app.py sets it (it must be in the environment before torch loads OpenMP).
+    root = str(Path(__file__).resolve().parents[2])
+    python_path = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), PYTHONPATH=python_path,
+               FSA_MODEL=args.model, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
                GRADIO_TEMP_DIR=str(work / "gradio"), GRADIO_ANALYTICS_ENABLED="False",
                FSA_SESSION_TTL=str(args.session_ttl), FSA_TEMP_TTL=str(args.temp_ttl))
     if args.checkpoint:
         env["FSA_CHECKPOINT"] = args.checkpoint
     log_path = work / "server.log"
     log = open(log_path, "w")
-    process = subprocess.Popen([sys.executable, str(app_py)], cwd=app_py.parent, env=env, stdout=log,
+    process = subprocess.Popen([sys.executable, "-m", "fsa.demo"], cwd=root, env=env, stdout=log,
                                stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 300

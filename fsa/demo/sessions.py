@@ -1,0 +1,91 @@
+"""Per-session data of the demo: what a session's `gr.State` keeps of its last forward pass (`RunRecord`)
+and the key that says whether a later request may reuse it (`run_key`, `image_digest`). No Gradio here."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+import fsa
+from ..diagnostics import DiagnosticsStore
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What one session keeps in its `gr.State`: what a click on its last forward pass needs.
+
+    Grid-level data and the picture only (no full-resolution label or score maps): a few MB.
+    """
+
+    key: tuple  #: (image digest, vocabulary, backbone, settings) that produced the pass
+    image: np.ndarray  #: (h, w, 3) uint8: the picture the masks and maps are drawn on
+    class_names: tuple[str, ...]
+    diagnostics: Optional[DiagnosticsStore]  #: per-window data of the FSA pass; None when FSA was off
+    input_size: tuple[int, int]  #: (width, height) of the image the user gave
+    method: str = "clearclip"
+    #: (h, w) uint8 labels of the baseline and of baseline + FSA (None with FSA off), for scoring
+    labels: Optional[np.ndarray] = None
+    fsa_labels: Optional[np.ndarray] = None
+    point: Optional[tuple[float, float]] = None  #: last query point, in pixels of `image`
+
+    def masks(self) -> tuple["MaskView", Optional["MaskView"]]:
+        """The baseline's and FSA's label maps as `fsa.scoring.score_against` takes them."""
+        def view(labels):
+            return None if labels is None else MaskView(self.class_names, labels, self.method)
+
+        return view(self.labels), view(self.fsa_labels)
+
+    def explain(self, x: float, y: float) -> "fsa.PatchExplanation":
+        """Attention rows of the patch under (x, y) (pixels of `image`).
+
+        A fresh store each time: the N×N matrices it builds for a window live for this click only,
+        not for the session's lifetime (~35 MB per window of ViT-B/16).
+        """
+        d = self.diagnostics
+        return DiagnosticsStore(d.windows, d.details, d.scale, d.vocabulary).explain(x, y)
+
+
+@dataclass(frozen=True)
+class MaskView:
+    """A label map of a session's pass, with what scoring needs to know about it."""
+
+    class_names: tuple[str, ...]
+    labels: np.ndarray  #: (h, w) class indices
+    method: str
+    notes: tuple[str, ...] = ()
+
+
+def compact_labels(labels: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """int64 labels → uint8 (the vocabulary budget keeps classes far below 256): 8× less session memory."""
+    if labels is None:
+        return None
+    return labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16)
+
+
+def image_digest(image) -> str:
+    """Content hash of an image: a file's bytes, a file object's bytes, a PIL image or an array."""
+    h = hashlib.sha1()
+    if isinstance(image, (str, Path)):
+        with open(image, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return "file:" + h.hexdigest()
+    if hasattr(image, "getvalue"):
+        h.update(image.getvalue())
+        return "file:" + h.hexdigest()
+    if isinstance(image, Image.Image):
+        meta, data = f"{image.mode}{image.size}", image.tobytes()
+    else:
+        arr = np.ascontiguousarray(image)
+        meta, data = f"{arr.dtype}{arr.shape}", arr.tobytes()
+    h.update(meta.encode() + data)
+    return h.hexdigest()
+
+
+def run_key(image, vocabulary: str, backbone: str, settings) -> tuple:
+    """What a `RunRecord` was made for: a later request with the same key may reuse its pass."""
+    return image_digest(image), vocabulary, backbone, settings

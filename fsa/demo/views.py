@@ -1,0 +1,241 @@
+"""Results → what the page shows: the mask panels and the run summary, the clicked patch's maps and
+description, the compare-all grid, the score table and error maps, and the feedback played step by step.
+Pure drawing and wording: no model work, no session state kept."""
+from __future__ import annotations
+
+from typing import Optional
+
+import cv2
+import gradio as gr
+import numpy as np
+
+import fsa
+from .. import visualize as viz
+from ..config import METHOD_LABELS
+from .forms import beyond_paper_switches, head_choices, parse_head, parse_pass, pass_choices
+
+
+NO_RUN_MESSAGE = "Run a segmentation first (press “Segment”), then click a point on the image or on a mask."
+NO_RUN_SCORE_MESSAGE = "Run a segmentation first (press “Segment”), then score it against a reference mask."
+NO_STEPS_MESSAGE = ("Segment, then click a point on the image or on a mask: its patch's feedback is played here "
+                    "step by step.")
+
+#: File format of the four attention heatmaps sent back for every click: photo-like pictures, where a
+#: PNG takes ~125 ms to encode at 640×480 and 490 KB, a JPEG ~3 ms and 90 KB. Masks, the compare grid
+#: and the Π chart stay PNG (exact class colours, text).
+HEATMAP_FORMAT = "jpeg"
+#: Classes the Π chart of a click shows at most (the most probable ones, when the vocabulary is longer).
+CHART_MAX_BARS = 12
+#: Width of one cell of the compare-all grid (fsa.visualize.compare_grid's default).
+COMPARE_CELL_WIDTH = 256
+
+
+def compare_cell(result, colors: np.ndarray) -> np.ndarray:
+    """One cell of the compare-all grid: the mask over the image, COMPARE_CELL_WIDTH pixels wide."""
+    panel = viz.segmentation_panel(result.image, result.labels, result.class_names, colors=colors)
+    h, w = panel.shape[:2]
+    if w == COMPARE_CELL_WIDTH:
+        return panel
+    size = (COMPARE_CELL_WIDTH, max(1, round(h * COMPARE_CELL_WIDTH / w)))
+    return cv2.resize(panel, size, interpolation=cv2.INTER_AREA if w > COMPARE_CELL_WIDTH else cv2.INTER_LINEAR)
+
+
+_SIMILARITY_FORMULAS = {
+    "kl": ("Ŝ[i] = 1/(1 + KL(Π_i‖Π_j))", ""),
+    "sym_kl": ("Ŝ[i] = 1/(1 + ½(KL(Π_i‖Π_j) + KL(Π_j‖Π_i)))", " Symmetric KL: beyond the paper."),
+    "js": ("Ŝ[i] = 1/(1 + JS(Π_i, Π_j))", " Jensen–Shannon: beyond the paper."),
+}
+
+
+def feedback_step_lines(exp, iteration: int, head: Optional[int] = None) -> list[str]:
+    """One line of plain text per step of feedback pass `iteration` (1-based) of a PatchExplanation."""
+    cfg = exp.feedback or fsa.FeedbackConfig()
+    it = exp.iterations[iteration - 1]
+    n = it.kept.size
+    source = "the baseline" if iteration == 1 else f"FSA's pass {iteration - 1} (beyond the paper)"
+
+    def top(names, values):
+        j = int(np.argmax(values))
+        return f"{names[j]} {values[j]:.2f}"
+
+    lines = []
+    if it.feedback_logits is not None:
+        lines.append(f"1. Z = {cfg.feedback_scale:g}·cos: what {source} predicts for this patch, one logit per "
+                     f"text query (highest: {top(exp.query_names, it.feedback_logits)}).")
+    else:
+        lines.append(f"1. Z = {cfg.feedback_scale:g}·cos: what {source} predicts for this patch.")
+    if it.isolation_logits is not None:
+        lines.append(f"2. U = {cfg.isolation_scale:g}·cos under uniform attention: what the block predicts when "
+                     f"every token attends to every token equally, the ‘everything attends to everything’ bias "
+                     f"(highest: {top(exp.query_names, it.isolation_logits)}).")
+        pi_formula, pi_what = "Π = softmax(Z − U)", "with that bias removed"
+    else:
+        lines.append("2. U: attention isolation is off, so no bias is subtracted (an ablation of the paper).")
+        pi_formula, pi_what = "Π = softmax(Z)", "as the feedback sees it (no bias removed)"
+    lines.append(f"3. {pi_formula}: the patch's class distribution {pi_what}; a class takes its best synonym "
+                 f"(most likely: {top(exp.class_names, it.class_probs)}).")
+    formula, note = _SIMILARITY_FORMULAS.get(cfg.similarity, ("Ŝ[i]", ""))
+    lines.append(f"4. {formula}: how much each patch j agrees with the query patch (1 = the same distribution; "
+                 f"here {float(it.similarity.min()):.3f} to 1).{note}")
+    kept = int(it.kept.sum())
+    if cfg.pruning:
+        lines.append(f"5. Kept set: top-p pruning (p = {cfg.p:g}) keeps the {kept} of {n} patches that agree most; "
+                     f"the dimmed rest get no attention.")
+    else:
+        lines.append(f"5. Kept set: pruning is off, so all {n} patches stay (an ablation of the paper).")
+    lines.append(f"6. A_new[i] = softmax(Ŝ·exp({cfg.lam:g}·Ŝ)) over the kept set: attention from agreement "
+                 f"(largest weight {float(it.attn_new.max()):.3f}).")
+    blocks = [b.block for b in it.blocks]
+    where = f"block {blocks[-1]}"
+    if len(blocks) > 1:
+        where += (f"; blocks {', '.join(map(str, blocks[:-1]))} blend the same A_new with their own A₀ "
+                  f"(beyond the paper)")
+    head_text = "mean over heads" if head is None else f"head {head + 1}"
+    if cfg.ensemble:
+        lines.append(f"7. A_ens[i] = (A_new·A₀ + A₀·A_new + A_new)/3: blended with the baseline's attention "
+                     f"A₀, this is what FSA uses ({where}; {head_text}).")
+    else:
+        lines.append(f"7. A_ens[i]: the adaptation ensemble is off, so FSA uses A_new[i] itself, without the "
+                     f"baseline's attention (an ablation of the paper; {where}).")
+    return lines
+
+
+def mask_images(baseline, fsa_result) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """The baseline and FSA masks over the image, each with a legend of the classes present."""
+    names = baseline.class_names
+    colors = viz.class_colors(names)
+
+    def panel(result):
+        if result is None:
+            return None
+        body = viz.segmentation_panel(result.image, result.labels, names, colors=colors)
+        font = max(14, round(body.shape[1] / 30))
+        return viz.with_legend(body, names, colors, present=np.unique(result.labels), font_size=font)
+
+    return panel(baseline), panel(fsa_result)
+
+
+def run_summary(res, settings) -> str:
+    """One line about a pass (`res`: the FSA result when FSA ran, else the baseline's)."""
+    label = METHOD_LABELS[res.method] + (" + FSA" if res.fsa_enabled else " (FSA off)")
+    crop = settings.resolved_crop()
+    if len(res.windows) == 1:
+        layout = "one window over the whole image"
+    else:
+        layout = f"{len(res.windows)} windows ({crop} px crop, stride {settings.resolved_stride()})"
+    timings = ", ".join(f"{k} {v:.2f} s" for k, v in res.timings.items())
+    gh, gw = res.grid
+    line = (f"**{label}** on {res.backbone} · patch grid **{gh}×{gw}** per window, {layout} (image resized "
+            f"to {res.working_size[1]}×{res.working_size[0]}) · timings: {timings}")
+    notes = list(res.notes)
+    if res.is_test_model:
+        notes.append("random test weights: the masks are meaningless")
+    beyond = beyond_paper_switches(settings.feedback if res.fsa_enabled else None)
+    if beyond:
+        line += (f"\n\n**Not the paper's method, beyond the paper: {', '.join(beyond)}** (the paper: similarity "
+                 f"kl, 1 iteration, the last block).")
+    return line + "".join(f"\n\nNote: {n}" for n in notes)
+
+
+def attention_views(record, head: Optional[str]):
+    """The clicked patch of a session's `RunRecord` → (A₀ row, A_new, A_ens, Ŝ with kept set, Π chart,
+    description, head selector update)."""
+    if record is None or record.point is None:
+        raise gr.Error(NO_RUN_MESSAGE, title="Nothing to inspect yet")
+    if record.diagnostics is None:
+        raise gr.Error("The attention maps come from the FSA pass: switch FSA on and press “Segment” again.",
+                       title="FSA is off")
+    x, y = record.point
+    exp = record.explain(x, y)
+    h = parse_head(head)
+    if h is not None and h >= exp.num_heads:
+        h = None
+    image, win, patch = record.image, exp.window, exp.patch
+    original = viz.heatmap_overlay(image, win, exp.head_view(exp.attn_original, h), patch)
+    new = viz.heatmap_overlay(image, win, exp.attn_new, patch)
+    adapted = viz.heatmap_overlay(image, win, exp.head_view(exp.attn_ensemble, h), patch)
+    similarity = viz.heatmap_overlay(image, win, exp.similarity, patch, kept=exp.kept)
+    chart = viz.class_bar_chart(exp.class_names, exp.class_probs, viz.class_colors(exp.class_names),
+                                max_bars=CHART_MAX_BARS)
+    best = exp.class_names[int(np.argmax(exp.class_probs))]
+    head_text = "mean over heads" if h is None else f"head {h + 1} of {exp.num_heads}"
+    ih, iw = image.shape[:2]
+    x0, x1, y0, y1 = max(0, win.x0), min(iw, win.x1), max(0, win.y0), min(ih, win.y1)
+    padded = ("; its grid also covers the zero padding past the border"
+              if (x0, x1, y0, y1) != (win.x0, win.x1, win.y0, win.y1) else "")
+    text = (f"Query patch row {patch[0]}, column {patch[1]} of a {exp.grid[0]}×{exp.grid[1]} grid, in the window "
+            f"x {x0}–{x1}, y {y0}–{y1}{padded} (point x={x:.0f}, y={y:.0f}); {head_text}; "
+            f"{int(exp.kept.sum())} of {exp.kept.size} patches kept by pruning; most likely class under Π: "
+            f"**{best}**. Each map is scaled to its own range; the cyan square is the query patch.")
+    choices = head_choices(exp.num_heads)
+    head_update = gr.update(choices=choices, value=choices[0] if h is None else choices[h + 1])
+    return original, new, adapted, similarity, chart, text, head_update
+
+
+def compare_view(names, rows, backbone: str, is_test_model: bool, fsa_on: bool) -> tuple[np.ndarray, str]:
+    """The compare-all grid and its notes from `(method, [baseline cell, FSA cell] or None, seconds, error)`
+    rows (`compare_cell`)."""
+    colors = viz.class_colors(names)
+    cells, labels, notes = [], [], []
+    for method, pair, seconds, error in rows:
+        if error is not None:
+            notes.append(f"{METHOD_LABELS[method]} skipped: {error}")
+            continue
+        labels.append(f"{METHOD_LABELS[method]}  ({seconds:.2f} s)")
+        cells.append(pair)
+    grid = viz.compare_grid(cells, labels, ["baseline", "baseline + FSA"], cell_width=COMPARE_CELL_WIDTH,
+                            footer=viz.legend(names, colors, width=2 * COMPARE_CELL_WIDTH + 3 * 4))
+    text = f"{len(cells)} baselines on {backbone}" + (" (random test weights)" if is_test_model else "")
+    if not fsa_on:
+        text += "; the FSA switch is off, but this view always shows both columns"
+    return grid, text + "".join(f"\n\n{n}" for n in notes)
+
+
+def score_view(record, report, reference: np.ndarray, note: str = "") -> tuple[str, np.ndarray]:
+    """A `fsa.scoring` report of a session's pass → (IoU table as markdown, error maps)."""
+    baseline, fsa_masks = record.masks()
+    label = METHOD_LABELS.get(record.method, record.method)
+    results = [(label, baseline, report.baseline)]
+    if fsa_masks is not None:
+        results.append((f"{label} + FSA", fsa_masks, report.fsa))
+    maps = viz.error_maps(record.image, [r.labels for _, r, _ in results], reference,
+                          [f"{name}: {100 - s.aacc:.1f}% wrong" for name, _, s in results])
+    return report.markdown(label) + (f"\n\n{note}" if note else ""), maps
+
+
+def feedback_steps_view(record, iteration, head):
+    """"Feedback step by step": the 7 pictures (with their lines as captions) of one feedback pass for the
+    clicked patch, the lines as text, and the pass selector."""
+    if record is None or record.point is None or record.diagnostics is None:
+        message = NO_STEPS_MESSAGE
+        if record is not None and record.diagnostics is None:
+            message = "FSA is off: switch it on and press “Segment” to see its feedback step by step."
+        return [], message, gr.update(choices=pass_choices(1), value=pass_choices(1)[0])
+    exp = record.explain(*record.point)
+    count = len(exp.iterations)
+    t = parse_pass(iteration, count)
+    it = exp.iterations[t - 1]
+    h = parse_head(head)
+    if h is not None and h >= exp.num_heads:
+        h = None
+    colors = viz.class_colors(record.class_names)[:len(exp.class_names)]
+    query_colors = colors[exp.query_classes] if exp.query_classes else None
+    panels = viz.feedback_step_panels(
+        record.image, exp.window, exp.patch, query_names=exp.query_names,
+        feedback_logits=(it.feedback_logits if it.feedback_logits is not None
+                         else np.zeros(len(exp.query_names))),
+        isolation_logits=it.isolation_logits, class_names=exp.class_names, class_probs=it.class_probs,
+        similarity=it.similarity, kept=it.kept, attn_new=it.attn_new,
+        attn_ensemble=exp.head_view(it.attn_ensemble, h), query_colors=query_colors, colors=colors)
+    lines = feedback_step_lines(exp, t, h)
+    beyond = beyond_paper_switches(exp.feedback)
+    header = (f"**Pass {t} of {count}** for the query patch at row {exp.patch[0]}, column {exp.patch[1]}: how "
+              f"its attention moves from the baseline's A₀[i] (under “Clicked patch”) to FSA's A_ens[i] "
+              f"(step 7).")
+    if t > 1:
+        header += f" This pass feeds back pass {t - 1}'s output instead of the baseline's (beyond the paper)."
+    if beyond:
+        header += f" Not the paper's method, beyond the paper: {', '.join(beyond)}."
+    text = header + "\n\n" + "\n".join(lines)
+    choices = pass_choices(count)
+    return list(zip(panels, lines)), text, gr.update(choices=choices, value=choices[t - 1])
