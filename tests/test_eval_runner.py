@@ -80,6 +80,11 @@ def test_probability_threshold_only_where_there_is_a_background(voc, cache):
     voc21 = evaluate("voc21", root, "clearclip", cache=cache, fsa=False, prob_thd=0.99, **FAST)
     # the tiny model is never 99 % sure: every pixel becomes background (0), so only class 0 has area
     assert voc21.baseline.iou[1:] == tuple(0.0 if not np.isnan(v) else v for v in voc21.baseline.iou[1:])
+    # ClearCLIP's VOC21 preset already has prob_thd=0.5 (all background with the tiny model too), so the
+    # 0.99 run alone would pass with the argument ignored: with 0.0, other classes get area and score
+    none = evaluate("voc21", root, "clearclip", cache=cache, fsa=False, prob_thd=0.0, **FAST)
+    assert not same_scores(none.baseline, voc21.baseline)
+    assert sum(v > 0 for v in none.baseline.iou[1:]) >= 2, none.baseline.iou
 
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(voc, tmp_path, cache, monkeypatch):
