@@ -13,9 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fsa
 import reference as R
 from _fixtures_ref import _single_thread  # noqa: F401  (autouse fixture)
-from _fixtures_ref import GOLDEN_TOL, feedback_cfg, fsa_or_skip, max_abs, record, state_snapshot, \
+from _fixtures_ref import GOLDEN_TOL, feedback_cfg, max_abs, record, state_snapshot, \
     assert_state_unchanged
 
 #: golden key -> (method, FeedbackConfig kwargs or None)
@@ -60,7 +61,6 @@ def test_reference_matches_golden(golden, golden_model, key):
 
 @pytest.mark.parametrize("key", list(CASES))
 def test_fsa_matches_golden(golden, golden_model, key):
-    fsa = fsa_or_skip()
     method, fb = CASES[key]
     pixels, text, proxy = _golden_inputs(golden)
     snap = state_snapshot(golden_model)

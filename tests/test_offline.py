@@ -38,16 +38,25 @@ print(json.dumps(out))
 """
 
 
+def closed_port_endpoint() -> str:
+    """http://127.0.0.1:PORT with nothing listening on PORT (connections are refused at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def unreachable_hub_env(tmp_path, **extra) -> dict[str, str]:
+    """The environment of a user without the hub, wherever the suite runs: empty HF cache, HF_HUB_OFFLINE
+    unset, the hub endpoint (HF_ENDPOINT) a closed local port, no proxy in the way."""
+    unset = ("HF_HUB_OFFLINE", "FSA_MODEL", "FSA_CHECKPOINT", "HF_HUB_CACHE", "HF_HUB_ENABLE_HF_TRANSFER")
+    env = {k: v for k, v in os.environ.items() if k not in unset and not k.lower().endswith("_proxy")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=closed_port_endpoint(), PYTHONPATH=str(REPO), **extra)
+    return env
+
+
 def test_real_environment_fails_fast_with_the_fixes(tmp_path):
-    """As a user meets it: empty HF cache, HF_HUB_OFFLINE unset, the hub unreachable from here."""
-    unset = ("HF_HUB_OFFLINE", "FSA_MODEL", "FSA_CHECKPOINT", "HF_HUB_CACHE")
-    env = {k: v for k, v in os.environ.items() if k not in unset}
-    env.update(HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(REPO))
-    try:  # where the hub is reachable this test cannot show the offline path
-        socket.create_connection(("huggingface.co", 443), timeout=2).close()
-        pytest.skip("huggingface.co is reachable from here")
-    except OSError:
-        pass
+    """As a user meets it: empty HF cache, HF_HUB_OFFLINE unset, the hub unreachable (a closed port)."""
+    env = unreachable_hub_env(tmp_path)
     proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -63,8 +72,10 @@ def test_real_environment_fails_fast_with_the_fixes(tmp_path):
 
 @pytest.fixture
 def empty_cache(monkeypatch, tmp_path):
-    """In-process: an empty hub cache and offline mode off (huggingface_hub reads env at import)."""
+    """In-process: an empty hub cache, offline mode off (huggingface_hub reads env at import) and the hub
+    endpoint a closed local port, so that no test here reaches a real hub."""
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hf_constants, "ENDPOINT", closed_port_endpoint())
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("FSA_CHECKPOINT", raising=False)
     return tmp_path / "hub"
