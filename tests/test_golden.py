@@ -107,7 +107,7 @@ MISREADINGS = {
     # name: (attribute of reference.py to replace, replacement, golden key)
     "pos_embed_resized_by_size": ("interpolated_pos_embed", _pe_by_size, "clearclip"),
     "prune_keeps_first_crossing": ("prune_keep_naive", _prune_keep_first_crossing, "proxyclip_fsa_lam3.0"),
-    "no_eps_in_log": ("output_similarity_naive", lambda pi, eps: _ORIG_OUTPUT_SIMILARITY(pi, 1e-300),
+    "no_eps_in_log": ("output_similarity_naive", lambda pi, eps, kind="kl": _ORIG_OUTPUT_SIMILARITY(pi, 1e-300, kind),
                       "proxyclip_fsa_lam3.0"),
 }
 
