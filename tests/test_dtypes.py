@@ -25,7 +25,9 @@ def test_fp16_model_agrees_with_fp32(models, method):
     half = fsa.patch_logits(m16, pixels.half(), text.half(), method, feedback=cfg, proxy_features=proxy.half())
     assert half.dtype == torch.float32  # cosines and the feedback step are computed in float32
     assert half.shape == ref.shape
-    assert (half - ref).abs().max() < 2e-2
+    # measured 5e-4 (MaskCLIP, SCLIP, vanilla) to 2.4e-3 (ProxyCLIP); FSA itself moves SCLIP by only 0.048, and
+    # Π computed in float16 instead of float32 moves NACLIP by 6e-3
+    assert (half - ref).abs().max() < 5e-3
 
 
 def test_feedback_similarity_is_float32_from_fp16_input():
