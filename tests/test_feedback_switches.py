@@ -322,7 +322,7 @@ def test_explanation_shows_every_pass_and_block(golden_model, ref_inputs, method
     gh, gw = details.grid
     depth = len(golden_model.visual.transformer.resblocks)
     adapted = cfg.blocks or (depth,)
-    heads = details.q.shape[1]
+    assert len(ref["A0"]) == details.q.shape[1]  # one A0 per head
 
     def close(got, want):  # rows of the reference, reshaped as the explanation's (stored in float32)
         want = torch.as_tensor(want).reshape(np.shape(got)).numpy()
@@ -368,23 +368,3 @@ def test_segmenter_runs_the_switches():
     assert ex.class_probs.shape == (3,)
     with pytest.raises(ValueError, match="proxyclip"):
         segmenter.segment(image, "cat, sofa", fsa.SegmentSettings(method="proxyclip", short_side=64, feedback=cfg))
-
-
-@pytest.mark.parametrize("method", ["clearclip", "vanilla", "gclip", "proxyclip"])
-def test_switches_fp16_model_agrees_with_fp32(method):
-    """The CUDA configuration (fp16 model, fp32 feedback maths) with every switch on, on the CPU."""
-    from fsa.backbones import tiny_test_clip
-
-    m32, m16 = tiny_test_clip().eval(), tiny_test_clip().half().eval()
-    depth = len(m32.visual.transformer.resblocks)
-    g = torch.Generator().manual_seed(0)
-    pixels = torch.randn(1, 3, 80, 112, generator=g)
-    text = F.normalize(torch.randn(5, m32.visual.output_dim, generator=g), dim=-1)
-    proxy = torch.randn(1, 16, 6, 9, generator=g)
-    blocks = None if method == "proxyclip" else (depth - 1, depth)
-    for kind in ("sym_kl", "js"):
-        cfg = FeedbackConfig(similarity=kind, iterations=2, blocks=blocks)
-        ref = fsa.patch_logits(m32, pixels, text, method, feedback=cfg, proxy_features=proxy)
-        half = fsa.patch_logits(m16, pixels.half(), text.half(), method, feedback=cfg, proxy_features=proxy.half())
-        assert half.dtype == torch.float32 and torch.isfinite(half).all()
-        assert (half - ref).abs().max() < 2e-2
