@@ -253,8 +253,8 @@ def test_segment_beyond_the_paper(client, photo_path):
     info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/segment"]
     params = {p["parameter_name"]: p for p in info["parameters"]}
     names = [p["parameter_name"] for p in info["parameters"]]
-    assert names[-3:] == ["similarity", "iterations", "blocks"]
-    assert [params[n]["parameter_default"] for n in names[-3:]] == ["kl", 1, ""]
+    assert names[-4:-1] == ["similarity", "iterations", "blocks"]
+    assert [params[n]["parameter_default"] for n in names[-4:-1]] == ["kl", 1, ""]
     baseline, fsa_mask, summary = client.predict(handle_file(photo_path), "cup; mug, table, background", "clearclip",
                                                  similarity="js", iterations=2, api_name="/segment")
     for path in (baseline, fsa_mask):
@@ -266,3 +266,23 @@ def test_segment_beyond_the_paper(client, photo_path):
         client.predict(handle_file(photo_path), "cup, table", "clearclip", blocks="x", api_name="/segment")
     with pytest.raises(AppError, match=r"'cosine'.*not in the list of choices: \['kl', 'sym_kl', 'js'\]"):
         client.predict(handle_file(photo_path), "cup, table", "clearclip", similarity="cosine", api_name="/segment")
+
+
+def test_segment_takes_the_proxy_as_an_optional_last_input(client, photo_path):
+    """/segment's trailing `proxy` (issue 14): DINO when left out (old callers), any of the four by name or
+    position; the summary names the proxy (its tiny-test stand-in here) and its grid."""
+    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/segment"]
+    last = info["parameters"][-1]
+    assert last["parameter_name"] == "proxy" and last["parameter_default"] == "dino-b8"
+    vocabulary = "cup; mug, table, background"
+    *_, summary = client.predict(handle_file(photo_path), vocabulary, "proxyclip", api_name="/segment")
+    assert "with random DINO stand-in proxy" in summary
+    *_, summary = client.predict(handle_file(photo_path), vocabulary, "proxyclip", proxy="sam-b16",
+                                 api_name="/segment")
+    assert "with random SAM stand-in proxy" in summary and "**64×64** grid per window" in summary
+    # positionally, after every other input
+    *_, summary = client.predict(handle_file(photo_path), vocabulary, "proxyclip", True, True, True, True, 4.5, 0.45,
+                                 "kl", 1, "", "mae-b16", api_name="/segment")
+    assert "with random MAE stand-in proxy" in summary and "**21×21** grid per window" in summary
+    with pytest.raises(AppError, match="not in the list of choices"):
+        client.predict(handle_file(photo_path), vocabulary, "proxyclip", proxy="clip", api_name="/segment")
