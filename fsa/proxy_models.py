@@ -189,10 +189,11 @@ def _sam_attention(attn: nn.Module, x: Tensor, heads_at_once: int) -> Tensor:
 
 
 def sam_features(model: VisionTransformerSAM, x: Tensor, heads_at_once: int = SAM_HEADS_AT_ONCE) -> Tensor:
-    """timm's ``VisionTransformerSAM.forward_features`` at inference, (B, 3, 1024, 1024) → (B, C, 64, 64)
-    neck output, with every block's attention run `heads_at_once` (image, head) pairs at a time
-    (`_sam_attention`): the same features, ~1/6 of the attention memory of timm's forward at the default."""
-    if model.training or any(getattr(blk.attn, "rope", None) is not None for blk in model.blocks):
+    """timm's ``VisionTransformerSAM.forward_features`` at inference (dropouts skipped): (B, 3, 1024, 1024) →
+    (B, C, 64, 64) neck output, every block's attention run `heads_at_once` (image, head) pairs at a time
+    (`_sam_attention`). The same features; measured on CPU (ViT-B, 2 at once), one window's forward peaks at
+    +377 MiB instead of timm's +1676 MiB, two windows at +507 MiB instead of +3368 MiB."""
+    if any(getattr(blk.attn, "rope", None) is not None for blk in model.blocks):
         return model.forward_features(x)  # not SAM's layout: timm's own forward
     x = model.patch_embed(x)
     if model.pos_embed is not None:

@@ -104,8 +104,9 @@ def test_errors_reach_the_client_as_messages(client, photo_path):
         client.predict(None, "cup", api_name="/segment")
 
 
-#: /segment's similarity, iterations, blocks at the paper's values: a raw positional call sends every input
-PAPER_SWITCHES = ["kl", 1, ""]
+#: /segment's similarity, iterations, blocks at the paper's values and ProxyCLIP's default proxy: a raw positional
+#: call sends every input (Gradio's HTTP API fills no default; gradio_client does)
+PAPER_SWITCHES = ["kl", 1, "", "dino-b8"]
 
 
 def _raw_call(url: str, api: str, data: list) -> tuple[str, object]:
@@ -150,7 +151,7 @@ def test_nan_lambda_sent_as_json_is_a_specific_error_not_a_mask(server, uploaded
 @pytest.mark.parametrize("short_side", [float("nan"), float("inf"), 5])
 def test_bad_short_side_in_compare_all_is_a_specific_error(server, uploaded_photo, short_side, compare_calls):
     event, payload = _raw_call(server[1], "compare_all", [uploaded_photo, "cup, table", None, True, True, True, True,
-                                                          3.0, 0.45, short_side, 0.0])
+                                                          3.0, 0.45, short_side, 0.0, "dino-b8"])
     assert event == "error" and payload["error"] is not None, payload
     assert payload["error"].startswith("Short side (pixels) must be a finite number in [16, 2048], got ")
     assert compare_calls == []

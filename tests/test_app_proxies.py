@@ -148,8 +148,8 @@ def test_what_does_not_fit_is_refused_naming_the_proxy(monkeypatch):
     whole = SegmentSettings(method="proxyclip", crop=0, short_side=2048)
     dino = plan_windows(whole, (1500, 2000), VIT_B16, proxy_spec("dino-b8"))
     assert dino.proxy_attention == (12, 196 * 259 + 1)
-    with pytest.raises(OverBudget, match=r"with the DINO ViT-B/8 proxy \(dino-b8\): the DINO ViT-B/8 proxy \(dino-b8\)'s "
-                                         r"own attention \(12 heads at once over 50765 tokens\)"):
+    with pytest.raises(OverBudget, match=r"with the DINO ViT-B/8 proxy \(dino-b8\): the DINO ViT-B/8 proxy "
+                                         r"\(dino-b8\)'s own attention \(12 heads at once over 50765 tokens\)"):
         fit_to_budget(_plan(dino), RuntimeLimits(), [whole])
 
 
