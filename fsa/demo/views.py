@@ -129,7 +129,7 @@ def run_summary(res, settings, proxy_label: Optional[str] = None) -> str:
     grid = f"patch grid **{gh}×{gw}** per window"
     if proxy_label and res.method == "proxyclip":
         label += f" with {proxy_label} proxy"
-        grid = f"{proxy_label} proxy, **{gh}×{gw}** grid per window (CLIP {res.clip_grid[0]}×{res.clip_grid[1]})"
+        grid = f"**{gh}×{gw}** grid per window (CLIP's {res.clip_grid[0]}×{res.clip_grid[1]})"
     line = (f"**{label}** on {res.backbone} · {grid}, {layout} (image resized "
             f"to {res.working_size[1]}×{res.working_size[0]}) · timings: {timings}")
     notes = list(res.notes)
