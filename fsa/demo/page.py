@@ -21,7 +21,7 @@ from .forms import (
     ITERATIONS_MAX, MEAN_HEADS, PAPER_ITERATIONS, PAPER_SIMILARITY, SIMILARITY_CHOICES, head_choices, pass_choices,
 )
 from .guards import check_number_inputs, decoded_image_input, friendly_errors
-from .handlers import DemoApp
+from .handlers import DEFAULT_PROXY, DemoApp, proxy_choices
 from .server import launch_options, server_options
 from .views import HEATMAP_FORMAT, NO_STEPS_MESSAGE
 
@@ -83,6 +83,10 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
                     backbone = gr.Dropdown(app.backbone_choices(), value=app.default_backbone, label="Backbone",
                                            elem_id="backbone",
                                            info="Other backbones download their weights on first use.")
+                # ProxyCLIP's proxy vision model: shown only when ProxyCLIP is the baseline
+                proxy = gr.Dropdown(proxy_choices(), value=DEFAULT_PROXY, label="ProxyCLIP proxy", elem_id="proxy",
+                                    visible=False, info="The vision model whose patch affinity ProxyCLIP uses; "
+                                                        "SAM (64×64 grid) is slow on a CPU.")
                 fsa_on = gr.Checkbox(True, label="FSA (feedback self-adaptive attention)", elem_id="fsa-toggle")
                 with gr.Accordion("FSA parts", open=False, elem_id="fsa-parts"):
                     with gr.Row():
@@ -188,11 +192,11 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
         run_inputs = [record, image, classes, method, backbone, fsa_on, isolation, pruning, ensemble, lam, p,
                       short_side, crop, stride, logit_scale, bg_threshold]
         beyond = [beyond_similarity, beyond_iterations, beyond_blocks]
-        run_inputs += beyond
+        run_inputs += beyond + [proxy]
         run.click(wrap(app.run), run_inputs, [mask_baseline, mask_fsa, run_info, record] + attention,
                   api_visibility="private", show_progress_on=[mask_baseline, mask_fsa], **model_job)
         compare.click(wrap(app.compare_all), [image, classes, backbone, fsa_on, isolation, pruning, ensemble, lam, p,
-                                              short_side, bg_threshold], [compare_grid, compare_info],
+                                              short_side, bg_threshold, proxy], [compare_grid, compare_info],
                       api_name="compare_all", show_progress_on=[compare_grid], **model_job)
         click_outputs = attention + [head, record]
         click_job = dict(api_visibility="private", concurrency_id="click", concurrency_limit=4,
@@ -203,9 +207,13 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
         head.input(wrap(app.change_head), [record, head], attention + [head], **click_job)
         method.change(app.method_defaults, method, [short_side, crop, stride, logit_scale],
                       api_visibility="private", queue=False)
-        backbone.change(app.backbone_defaults, backbone, lam, api_visibility="private", queue=False)
+        backbone.change(app.backbone_defaults, [backbone, method, proxy], lam, api_visibility="private", queue=False)
+        proxy.change(app.backbone_defaults, [backbone, method, proxy], lam, api_visibility="private", queue=False)
+        method.change(app.proxy_visibility, [method, backbone, proxy], [proxy, lam], api_visibility="private",
+                      queue=False)
         api_segment.click(wrap(app.api_segment),
-                          [record, image, classes, method, fsa_on, isolation, pruning, ensemble, lam, p] + beyond,
+                          [record, image, classes, method, fsa_on, isolation, pruning, ensemble, lam, p] + beyond
+                          + [proxy],
                           [mask_baseline, mask_fsa, run_info, record], api_name="segment", **model_job)
         # /attention answers from the session's cached pass without the model; when it has to run a pass it
         # takes a model slot itself (DemoApp._model_slot), so it stays out of the "model" queue.
