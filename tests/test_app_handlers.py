@@ -16,7 +16,7 @@ from fsa.demo.guards import check_number_inputs, friendly_errors
 from fsa.demo.handlers import DemoApp
 from fsa.demo.page import EXAMPLES
 from fsa.demo.server import server_options
-from _app_fixtures import count_compare_calls
+from _app_fixtures import VOCAB, count_compare_calls, run, select
 import fsa
 from fsa.checks import NumericalError
 from fsa.config import METHOD_DEFAULTS, METHODS
@@ -24,7 +24,6 @@ from fsa.scoring import score_against
 from fsa.vocabulary import parse_vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
-VOCAB = "cup; mug, table, background"
 W, H = 96, 64
 
 
@@ -40,20 +39,6 @@ def photo():
 
 def _fsa_args(fsa_on=True, lam=3.0, p=0.45):
     return [fsa_on, True, True, True, lam, p]
-
-
-def run(app, image, vocabulary=VOCAB, method="clearclip", fsa_on=True, record=None, crop=None, stride=None):
-    """The Segment button with the page's default fields (progress=None: no Gradio request here)."""
-    d = METHOD_DEFAULTS[method]
-    crop = d.crop if crop is None else crop
-    stride = d.stride if stride is None else stride
-    fn = friendly_errors(app.run)
-    return fn(record, image, vocabulary, method, app.default_backbone, *_fsa_args(fsa_on), 64, crop, stride,
-              d.logit_scale, 0.0, progress=None)
-
-
-def select(x, y):
-    return gr.SelectData(None, {"index": [x, y], "value": None})
 
 
 @pytest.fixture(scope="module")
@@ -457,11 +442,8 @@ def test_a_bug_logs_its_traceback(error, caplog):
 def test_bad_numbers_in_the_fields_give_specific_errors(app, photo, field, value, message, compare_calls, caplog):
     fields = dict(lam=3.0, p=0.45, short_side=64, crop=224, stride=112, logit_scale=40.0, bg_threshold=0.0)
     fields[field] = value
-    fn = friendly_errors(app.run)
     with pytest.raises(gr.Error, match=re.escape(message)) as info:
-        fn(None, photo, VOCAB, "clearclip", app.default_backbone, True, True, True, True, fields["lam"], fields["p"],
-           fields["short_side"], fields["crop"], fields["stride"], fields["logit_scale"], fields["bg_threshold"],
-           progress=None)
+        run(app, photo, **fields)
     assert info.value.title == "Check the inputs" and compare_calls == []  # no forward pass, so no mask
     assert "Traceback" not in caplog.text
 
