@@ -6,6 +6,7 @@ all heads, and the ensemble is applied to values, never formed as a matrix.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -13,6 +14,8 @@ from torch import Tensor
 
 from .attention import apply_attention, apply_shared
 from .config import SIMILARITIES, FeedbackConfig
+from .sliding import linear_resize_matrix
+from .top_p import prune_top_p, prune_top_p_sorted  # noqa: F401  (prune_top_p_sorted: the reference)
 from .vision import compute_dtype
 
 
@@ -112,28 +115,19 @@ def output_similarity(pi: Tensor, eps: float = 1e-10, kind: str = "kl") -> Tenso
     return d.add_(1.0).reciprocal_()
 
 
-def prune_top_p(sim: Tensor, p: float) -> Tensor:
-    """Kept mask of the confidence-based pruning (step 4).
-
-    sim: (B, N, N) → bool (B, N, N). Each row is sorted descending; w = softmax(sorted); entries
-    are kept while cumsum(w) ≤ p, the first always.
-    """
-    values, order = torch.sort(sim, dim=-1, descending=True, stable=True)
-    # A cumulative probability is at most 1; rounding can push it a hair above, which would prune
-    # entries at p = 1.
-    keep_sorted = values.softmax(dim=-1).cumsum_(dim=-1).clamp_(max=1.0) <= p
-    keep_sorted[..., 0] = True
-    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
-
-
 def adapted_attention(sim: Tensor, keep: Optional[Tensor], lam: float) -> Tensor:
     """A_new = softmax_row(Ŝ·exp(λŜ)) over the kept entries, −inf elsewhere (step 5).
 
     sim: (B, N, N); keep: bool (B, N, N) or None (no pruning) → (B, N, N).
     """
-    logits = sim * torch.exp(lam * sim)
-    if keep is not None:
-        logits = logits.masked_fill(~keep, float("-inf"))
+    return _scaled_softmax(sim, None if keep is None else ~keep, lam)
+
+
+def _scaled_softmax(sim: Tensor, pruned: Optional[Tensor], lam: float) -> Tensor:
+    """softmax_row(Ŝ·exp(λŜ)), −inf where pruned; the same arithmetic as `adapted_attention`, in one buffer."""
+    logits = torch.exp(lam * sim).mul_(sim)  # Ŝ·exp(λŜ): the product commutes, bit for bit
+    if pruned is not None:
+        logits.masked_fill_(pruned, float("-inf"))
     return logits.softmax(dim=-1)
 
 
@@ -170,14 +164,67 @@ def ensemble_apply(
     return (apply_new(a_new, a0_v, cls_token=cls_token) + apply_attention(a0, new_v) + new_v) / 3.0
 
 
+@dataclass(frozen=True)
+class UpsampledValues:
+    """Values that are a bilinear upsampling v = R·v_c of values on a coarser grid (ProxyCLIP's: CLIP's
+    values resized to the proxy grid, `fsa.attention.resize_patch_values`).
+
+    coarse: (B, H, gh·gw, d); coarse_grid: (gh, gw); grid: (I, J) of v. R = R_y ⊗ R_x, each the 1-D
+    linear resize (align_corners=False), so F.interpolate(x) = R_y·x·R_xᵀ.
+    """
+
+    coarse: Tensor
+    coarse_grid: tuple[int, int]
+    grid: tuple[int, int]
+
+
+def upsampling_adjoint(a: Tensor, coarse_grid: tuple[int, int], grid: tuple[int, int]) -> Tensor:
+    """A·R for A (B, M, I·J) and R the bilinear upsampling from coarse_grid (gh, gw) to grid (I, J).
+
+    Row m of A·R is R_yᵀ·A_m·R_x with A_m the row as an I×J map: two thin products, (B·M·I, J)·(J, gw) and
+    (B·M·gw, I)·(I, gh), instead of an (I·J × gh·gw) matrix. → (B, M, gh·gw).
+    """
+    b, m, _ = a.shape
+    (gh, gw), (i, j) = coarse_grid, grid
+    rx = linear_resize_matrix(gw, j, a.dtype, a.device)  # (J, gw)
+    ry = linear_resize_matrix(gh, i, a.dtype, a.device)  # (I, gh)
+    t = (a.reshape(b * m * i, j) @ rx).view(b * m, i, gw)
+    t = t.transpose(1, 2).reshape(b * m * gw, i) @ ry  # (B·M·gw, gh)
+    return t.view(b * m, gw, gh).transpose(1, 2).reshape(b, m, gh * gw)
+
+
+def ensemble_apply_upsampled(a_new: Tensor, a0: Optional[Tensor], values: UpsampledValues) -> Tensor:
+    """`ensemble_apply` for upsampled values and one attention shared by all heads, no CLS (ProxyCLIP).
+
+    A_ens v = ((A_new·(A₀R) + A₀·(A_new R) + A_new R)·v_c) / 3: A₀R and A_new R are the adjoint of the
+    upsampling applied to each row (`upsampling_adjoint`), so the two N×N products run over the gh·gw
+    coarse cells instead of H·d channels. The same sum as `ensemble_apply` in exact arithmetic.
+    a_new: (B, N, N); a0: (B, 1, N, N) or None (identity) → (B, H, N, d).
+    """
+    a_new_r = upsampling_adjoint(a_new, values.coarse_grid, values.grid)
+    if a0 is None:
+        return _apply_coarse(a_new_r, values.coarse)
+    a0 = a0[:, 0]
+    mixed = torch.baddbmm(a_new_r, a_new, upsampling_adjoint(a0, values.coarse_grid, values.grid))
+    mixed.baddbmm_(a0, a_new_r)
+    return _apply_coarse(mixed.div_(3.0), values.coarse)
+
+
+def _apply_coarse(a: Tensor, v: Tensor) -> Tensor:
+    """(B, N, C) applied to every head of v (B, H, C, d) as one GEMM → (B, H, N, d)."""
+    b, h, c, d = v.shape
+    folded = v.to(a.dtype).permute(0, 2, 1, 3).reshape(b, c, h * d)
+    return torch.bmm(a, folded).view(b, a.shape[1], h, d).permute(0, 2, 1, 3)
+
+
 def feedback_attention(pi: Tensor, cfg: FeedbackConfig) -> Tensor:
     """A_new from Π (steps 3-5): Ŝ of cfg.similarity, top-p pruning when on, then the scaling.
 
     pi: (B, N, K) → (B, N, N); the N×N similarity and mask are freed before returning.
     """
     sim = output_similarity(pi, cfg.eps, cfg.similarity)
-    keep = prune_top_p(sim, cfg.p) if cfg.pruning else None
-    return adapted_attention(sim, keep, cfg.lam)
+    pruned = prune_top_p(sim, cfg.p).logical_not_() if cfg.pruning else None
+    return _scaled_softmax(sim, pruned, cfg.lam)
 
 
 def adapt_values(
@@ -188,8 +235,17 @@ def adapt_values(
     *,
     cls_token: bool,
     a0_v: Optional[Tensor] = None,
+    upsampled: Optional[UpsampledValues] = None,
 ) -> Tensor:
-    """A_ens v (step 6) with cfg.ensemble on, else A_new v: shapes as in `ensemble_apply`."""
+    """A_ens v (step 6) with cfg.ensemble on, else A_new v: shapes as in `ensemble_apply`.
+
+    upsampled: v as an upsampling of coarser values (ProxyCLIP), with a0 shared by all heads (or None)
+    and no CLS token: then the products run on the coarse values (`ensemble_apply_upsampled`).
+    """
+    if upsampled is not None and not cls_token and (a0 is None or a0.shape[1] == 1):
+        v_c = upsampled.coarse.to(a_new.dtype)
+        up = UpsampledValues(v_c, upsampled.coarse_grid, upsampled.grid)
+        return ensemble_apply_upsampled(a_new, a0 if cfg.ensemble else None, up)
     if cfg.ensemble:
         return ensemble_apply(a_new, a0, v, cls_token=cls_token, a0_v=a0_v)
     return apply_new(a_new, v, cls_token=cls_token)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .attention import BaseAttention, baseline_attention
 from .config import METHOD_DEFAULTS, FeedbackConfig, MethodOptions, check_method
-from .feedback import adapt_values, class_distribution, feedback_attention
+from .feedback import UpsampledValues, adapt_values, class_distribution, feedback_attention
 from .vision import (block_qkv, compute_dtype, embed_tokens, finish_block, finish_last_block, project_tokens,
                      run_blocks, softmax_attention)
 
@@ -313,6 +313,7 @@ def _forward(
     base = baseline_attention(method, q, k, v, clip_grid, proxy_features=proxy_features, fused_maps=fused,
                               options=options)
     a0_v = base.apply(base.values)
+    upsampled = _upsampled_values(method, v, clip_grid, base.grid)
     out = finish_last_block(last, x, a0_v, residual=rule.residual, ffn=rule.ffn)
     cos = _patch_cosines(visual, out, text_features, base.cls_token)  # (B, N, K)
     result = _Forward(cos, [], base.grid, [])
@@ -330,7 +331,7 @@ def _forward(
             a_new = feedback_attention(pi, feedback)
             if start >= depth - 1:  # the last block alone, always with the baseline's A₀
                 mixed = adapt_values(a_new, base.weights, base.values, feedback, cls_token=base.cls_token,
-                                     a0_v=a0_v)
+                                     a0_v=a0_v, upsampled=upsampled)
                 fsa_out, block_qk = finish_last_block(last, x, mixed, residual=rule.residual, ffn=rule.ffn), {}
                 del mixed
             else:
@@ -347,6 +348,15 @@ def _forward(
                 list(fused), steps, depth, tuple(i + 1 for i in plan.capture),
                 u_cos if feedback.isolation else None))
     return result
+
+
+def _upsampled_values(method: str, v: Tensor, clip_grid: tuple[int, int],
+                      grid: tuple[int, int]) -> Optional[UpsampledValues]:
+    """ProxyCLIP's values are CLIP's (v: (B, H, 1 + gh·gw, d), CLS first) resized to the proxy grid: the
+    ensemble can then work on the CLIP grid (fsa.feedback.ensemble_apply_upsampled). None otherwise."""
+    if method != "proxyclip" or tuple(clip_grid) == tuple(grid):
+        return None
+    return UpsampledValues(v[:, :, 1:], tuple(clip_grid), tuple(grid))
 
 
 def _to_grid(cos: Tensor, grid: tuple[int, int]) -> Tensor:

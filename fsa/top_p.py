@@ -1,0 +1,324 @@
+"""Top-p pruning of FSA's similarity rows (method.md §3 step 4), exact without a full sort.
+
+The rule: sort each row of Ŝ descending (stable: ties in column order), w = softmax(sorted), keep
+the entries while cumsum(w) ≤ p, the first always. `prune_top_p_sorted` is that rule as written
+(the published form, and the reference of the tests and of `python -m fsa bench`).
+
+The kept set is a prefix of the stable descending order, so it is a cut: every entry above a value
+v*, and the entries equal to v* up to a column j*. `top_p_cut` finds the cut of every row without
+sorting it, and equals `prune_top_p_sorted` on every entry:
+
+1. w = softmax(row), from the same kernel as the reference (so the same exp of every entry).
+2. Bins: a strided sample of the row (64 entries, sorted) estimates where the kept mass ends and
+   sets a band around it; the band is cut into 1024 bins, the entries above and below it fall into
+   two end bins. An entry's bin never decreases as its value falls (rounding is monotone), so
+   every entry of a bin comes after every entry of an earlier bin in the sorted order. The band
+   only decides the speed: any band gives the same result.
+3. The mass of each bin (in float64) and their cumulative sums locate the bins where the running
+   sum crosses p; only their entries ("candidates", a few per row) are sorted, with the stable
+   sort's tie order, and their running sums decide the cut.
+4. Certified rounding: the reference's sums differ from ours only by rounding (its softmax sums the
+   row in sorted order, ours in column order; its cumulative sum is in float64 on the CPU). Every
+   decision is taken only when it holds for every value allowed by a bound of those differences
+   (`_margin`); a row where some entry is too close to p to decide is redone by the reference.
+   On the benchmark's similarities that is a few per cent of the rows.
+
+O(N²) memory, worked on blocks of rows; the result is the same whatever the block size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+#: Elements of a block of rows worked on at once (8 MiB of float32 per temporary).
+CHUNK_ELEMENTS = 1 << 21
+#: Bins across each row's band (N / 16 of them, within these bounds), and entries of each row's sample.
+BINS, MIN_BINS = 1024, 64
+#: A row with more candidates than max(HEAVY, N / 64) gets a narrower band (up to ROUNDS rounds), unless its
+#: candidates are all equal (a run of ties: counted, not listed).
+HEAVY, ROUNDS = 32, 3
+SAMPLE = 64
+#: Rows shorter than this go to the reference: its sort is as cheap as the bins there.
+MIN_FAST_LENGTH = 256
+
+
+def prune_top_p_sorted(sim: Tensor, p: float) -> Tensor:
+    """Kept mask of the confidence-based pruning (step 4), by a full sort: the reference.
+
+    sim: (..., N) → bool (..., N). Each row is sorted descending; w = softmax(sorted); entries
+    are kept while cumsum(w) ≤ p, the first always.
+    """
+    values, order = torch.sort(sim, dim=-1, descending=True, stable=True)
+    # A cumulative probability is at most 1; rounding can push it a hair above, which would prune
+    # entries at p = 1.
+    keep_sorted = values.softmax(dim=-1).cumsum_(dim=-1).clamp_(max=1.0) <= p
+    keep_sorted[..., 0] = True
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+
+def _float32_threshold(p: float, dtype: torch.dtype) -> float:
+    """The largest value x of `dtype` with `tensor(x) <= p` true, as torch compares (p in the dtype)."""
+    x = torch.tensor(p, dtype=dtype)
+    if not bool(x.view(1) <= p):
+        x = torch.nextafter(x, torch.tensor(-math.inf, dtype=dtype))
+    return float(x)
+
+
+def _margin(n: int, dtype: torch.dtype, device: torch.device) -> Optional[float]:
+    """Relative bound κ of |reference's running sum − ours| for rows of n entries, or None to refuse.
+
+    - The reference's softmax sums the row in sorted order, ours in column order; each sum is off
+      by at most γ·S with γ = (⌈n/L⌉ + log₂L + 2)·u: ATen's CPU softmax adds L-lane vectors
+      (L ≥ 8 for float32, ≥ 4 for float64: 256-bit or wider) then the lanes pairwise; CUDA's
+      gives every row ≥ 32 threads. So w_ref = w_ours·(1 + η), |η| ≤ 2.05γ + 5u.
+    - The reference's cumulative sum: float64 on the CPU, the dtype itself on CUDA: (n+1)·u_acc.
+    - Ours: float64 sums of float32 weights, (n + BINS + 4)·2⁻⁵³.
+    """
+    if device.type not in ("cpu", "cuda") or dtype not in (torch.float32, torch.float64):
+        return None
+    u = torch.finfo(dtype).eps / 2
+    lanes = 8 if dtype == torch.float32 else 4
+    gamma = (math.ceil(n / lanes) + math.log2(lanes) + 2) * u
+    if gamma > 1e-3:
+        return None
+    u_acc = 2.0 ** -53 if device.type == "cpu" else u
+    return 2.05 * gamma + 5 * u + 1.05 * (n + 1) * u_acc + 1.05 * (n + BINS + 4) * 2.0 ** -53
+
+
+def prune_top_p(sim: Tensor, p: float) -> Tensor:
+    """Kept mask of the confidence-based pruning (step 4): equal to `prune_top_p_sorted`, without its sort.
+
+    sim: (..., N) → bool (..., N). Each row is sorted descending; w = softmax(sorted); entries
+    are kept while cumsum(w) ≤ p, the first always (see the module docstring for how).
+    """
+    n = sim.shape[-1]
+    kappa = _margin(n, sim.dtype, sim.device)
+    if n < MIN_FAST_LENGTH or kappa is None or sim.numel() == 0:
+        return prune_top_p_sorted(sim, p)
+    rows = sim.reshape(-1, n)
+    keep = torch.empty(rows.shape, dtype=torch.bool, device=sim.device)
+    p_th = _float32_threshold(p, sim.dtype)
+    step = max(1, CHUNK_ELEMENTS // n)
+    for r0 in range(0, rows.shape[0], step):
+        _keep_block(rows[r0:r0 + step], p, p_th, kappa, keep[r0:r0 + step])
+    return keep.view(sim.shape)
+
+
+def _keep_block(rows: Tensor, p: float, p_th: float, kappa: float, out: Tensor) -> None:
+    """The kept mask of a block of rows (R, N), written into out (R, N) bool."""
+    r_count = rows.shape[0]
+    device = rows.device
+    if p_th >= 1.0:  # every cumulative sum is clamped to ≤ 1: nothing is pruned
+        out.fill_(True)
+        bad = torch.nonzero(~torch.isfinite(rows).all(dim=-1))[:, 0]
+        if bad.numel():
+            out[bad] = prune_top_p_sorted(rows[bad], p)
+        return
+    w = rows.softmax(dim=-1)
+    keys = rows.view(_KEY[rows.dtype])
+    low, high = torch.aminmax(rows, dim=-1)
+    top, bottom = _sample_band(rows, w, p, low, high)
+    band = _Band(_key(top), _key(bottom), _key(high), _key(low))
+    usable = torch.isfinite(high) & (bottom > 0)  # keys order positive values only
+    todo = torch.arange(r_count, device=device)
+    failed = [todo[~usable]]
+    todo, band = todo[usable], band.take(usable)
+    for _ in range(ROUNDS):
+        if todo.numel() == 0:
+            break
+        every = todo.numel() == r_count
+        sub_out = out if every else torch.empty((todo.numel(), rows.shape[1]), dtype=torch.bool, device=device)
+        res = _bin_round(*(t if every else t[todo] for t in (rows, keys, w)), band, p_th, kappa, sub_out)
+        if not every:
+            decided = torch.ones(todo.numel(), dtype=torch.bool, device=device)
+            decided[res.again] = False
+            decided[res.failed] = False
+            out[todo[decided]] = sub_out[decided]
+        failed.append(todo[res.failed])
+        todo, band = todo[res.again], res.band
+    failed.append(todo)  # still many candidates after ROUNDS narrower bands: not seen in practice
+    failed = torch.cat(failed)
+    if failed.numel():
+        out[failed] = prune_top_p_sorted(rows[failed], p)
+
+
+#: Integer views whose order is the order of positive floats.
+_KEY = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def _key(values: Tensor) -> Tensor:
+    """Positive floats (R,) → their bit patterns as int64: increasing with the value, 1 apart between neighbours."""
+    return values.contiguous().view(_KEY[values.dtype]).to(torch.int64)
+
+
+@dataclass
+class _Band:
+    """The keys of each row's band [bottom, top], and of its maximum and minimum. (R,) int64 each."""
+
+    top: Tensor
+    bottom: Tensor
+    high: Tensor
+    low: Tensor
+
+    def take(self, ids: Tensor) -> "_Band":
+        return _Band(self.top[ids], self.bottom[ids], self.high[ids], self.low[ids])
+
+
+def _take(t: Tensor, ids: Optional[Tensor]) -> Tensor:
+    return t if ids is None else t[ids]
+
+
+def _sample_band(rows: Tensor, w: Tensor, p: float, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
+    """(top, bottom) of each row's first band: around where a strided sample's share of the mass passes p."""
+    step = max(1, rows.shape[1] // SAMPLE)
+    values, order = rows[:, ::step].sort(dim=-1, descending=True)
+    ns = values.shape[1]
+    mass = w[:, ::step].gather(1, order).double().cumsum_(dim=1)
+    cut = (mass <= p * mass[:, -1:]).sum(dim=1)
+    reach = max(2, ns // 8)
+    top = values.gather(1, (cut - reach).clamp(0, ns - 1)[:, None])[:, 0]
+    bottom = values.gather(1, (cut + reach).clamp(0, ns - 1)[:, None])[:, 0]
+    return torch.where(cut - reach <= 0, high, top), torch.where(cut + reach >= ns - 1, low, bottom)
+
+
+@dataclass
+class _Round:
+    """What a round of bins left: rows to the reference, and rows for another round with a narrower band."""
+
+    failed: Tensor  #: (F,) positions among the round's rows
+    again: Tensor  #: (A,) positions among the round's rows
+    band: _Band  #: their next bands
+
+
+def _bin_round(rows: Tensor, keys: Tensor, w: Tensor, band: _Band, p_th: float, kappa: float,
+               out: Tensor) -> _Round:
+    """One round of bins over each row's band (module docstring), on keys: bin b ≥ 1 holds the keys
+    top − (b − 1)·2^s ... top − b·2^s + 1, bin 0 those above, the last bin those below. Writes the kept
+    masks of the rows it decides into out."""
+    r_count, n = rows.shape
+    device = rows.device
+    u = torch.finfo(rows.dtype).eps / 2
+    p_keep = p_th / (1.0 + kappa)  # a running sum ≤ p_keep: the reference keeps the entry
+    p_prune = p_th * (1.0 + u) / (1.0 - kappa)  # > p_prune: the reference prunes it
+    bins = min(BINS, max(MIN_BINS, n // 16))
+    span = (band.top - band.bottom).clamp_(min=0)
+    shift = torch.ceil(torch.log2((span + 1).double() / bins)).clamp_(min=0).long()
+    while True:  # log2's rounding: widen until the band fits
+        over = (span >> shift) + 1 > bins
+        if not bool(over.any()):
+            break
+        shift += over.long()
+    # bin = clamp(((top − key) >> s) + 1, 0, bins + 1), as (top + 2^s − key) >> s
+    lift = (band.top + (1 << shift)).to(keys.dtype)
+    b = torch.bitwise_right_shift(lift[:, None] - keys, shift.to(keys.dtype)[:, None]).clamp_(0, bins + 1)
+    masses = torch.zeros(r_count, bins + 2, dtype=torch.float64, device=device)
+    b = b.to(torch.int64)
+    masses.scatter_add_(1, b, w.double())
+    through = masses.cumsum_(dim=1)  # through[:, b]: the mass of bins 0..b
+    first = (through <= p_keep).sum(dim=1).clamp_(max=bins + 1)  # bins before it: kept, certainly
+    last = (through[:, :-1] <= p_prune).sum(dim=1)  # bins after it: pruned, certainly (mass before > p_prune)
+    last = torch.maximum(last, first)
+    above = torch.where(first > 0, through.gather(1, (first - 1).clamp(min=0)[:, None])[:, 0], 0.0)
+    usable = torch.isfinite(through[:, -1])
+    del through, masses
+
+    # the candidates: the entries of bins first..last
+    cand = (b >= torch.where(usable, first, bins + 2)[:, None]) & (b <= last[:, None])
+    del b
+    counts = cand.sum(dim=1)
+    failed = ~usable | (counts == 0)
+    heavy = counts > max(HEAVY, n // 64)
+    # one key per bin and a single bin: a run of equal entries, counted instead of listed
+    run = torch.nonzero(heavy & usable & (shift == 0) & (first == last) & (first >= 1) & (first <= bins))[:, 0]
+    if run.numel():
+        value = (band.top[run] - (first[run] - 1)).to(keys.dtype).view(rows.dtype)
+        done, run_mask = _run_keep(rows[run], w[run], value, counts[run], above[run], p_th, kappa)
+        failed[run[~done]] = True
+    listed = ~heavy & ~failed
+    if not bool(listed.all()):
+        cand &= listed[:, None]
+    if run.numel():
+        heavy[run] = False
+    again = torch.nonzero(heavy & ~failed)[:, 0]
+    # the next band of the rows with many candidates: the keys of bins first..last
+    step = 1 << shift[again]
+    next_top = torch.where(first[again] == 0, band.high[again], band.top[again] - (first[again] - 1) * step)
+    next_bottom = torch.where(last[again] == bins + 1, band.low[again], band.top[again] - last[again] * step + 1)
+    positive = next_bottom > 0
+    failed[again[~positive]] = True
+    again = again[positive]
+    nxt = _Band(next_top[positive], next_bottom[positive], band.high[again], band.low[again])
+    cr, cc = cand.nonzero(as_tuple=True)  # row by row, columns ascending
+    del cand
+    if cr.numel():
+        failed |= _list_keep(rows, w, cr, cc, above, p_th, kappa, out)  # writes every row of out
+    if run.numel():
+        out[run] = run_mask
+    return _Round(torch.nonzero(failed)[:, 0], again, nxt)
+
+
+def _run_keep(rows: Tensor, w: Tensor, value: Tensor, count: Tensor, above: Tensor, p_th: float,
+              kappa: float) -> tuple[Tensor, Tensor]:
+    """Rows (R', N) whose candidates are `count` entries all equal to `value`, after a mass `above` of
+    entries kept for certain.
+
+    In the sorted order the run comes in column order, each entry with the same weight (equal values,
+    equal weights), so its j-th entry has the running sum above + j·weight (exact in float64) and the
+    number kept follows without listing the run. → (decided (R',) bool, kept mask (R', N)).
+    """
+    u = torch.finfo(rows.dtype).eps / 2
+    equal = rows == value[:, None]
+    weight = w.gather(1, equal.to(torch.int8).argmax(dim=1, keepdim=True))[:, 0].double()
+    j = torch.floor((p_th / (1.0 + kappa) - above) / weight).clamp_(min=0)
+    j = torch.minimum(torch.nan_to_num(j, nan=0.0), count.double())
+    for _ in range(4):  # floor's rounding: step back while the j-th is not certainly kept
+        j = torch.where((j > 0) & ((above + j * weight) * (1.0 + kappa) > p_th), j - 1, j)
+    lead = above == 0  # nothing above (the row maximum has weight > 0): the run's first entry is kept
+    j = torch.where(lead, j.clamp(min=1), j)
+    sure_in = (j == 0) | ((above + j * weight) * (1.0 + kappa) <= p_th) | (lead & (j == 1))
+    sure_out = (j >= count) | ((above + (j + 1) * weight) * (1.0 - kappa) > p_th * (1.0 + u))
+    done = sure_in & sure_out & (weight > 0)
+    kept = equal.cumsum(dim=1, dtype=torch.int32) <= j.to(torch.int32)[:, None]
+    return done, kept.logical_and_(equal).logical_or_(rows > value[:, None])
+
+
+def _list_keep(rows: Tensor, w: Tensor, cr: Tensor, cc: Tensor, above: Tensor, p_th: float, kappa: float,
+               out: Tensor) -> Tensor:
+    """Rows with a few candidates (cr, cc: row by row, columns ascending), after a mass `above` kept for
+    certain: sorts them as the reference does and writes the kept masks of their rows into out.
+    → bool (R',): the rows where some candidate is too close to p to decide."""
+    r_count = rows.shape[0]
+    device = rows.device
+    u = torch.finfo(rows.dtype).eps / 2
+    cv = rows[cr, cc]
+    by_value = torch.sort(cv, descending=True, stable=True).indices
+    order = by_value[torch.sort(cr[by_value], stable=True).indices]
+    cr, cc, cv = cr[order], cc[order], cv[order]
+    cw = w[cr, cc].double()
+    counts = torch.bincount(cr, minlength=r_count)
+    starts = counts.cumsum(0) - counts
+    running = cw.cumsum(0)
+    slack = 1.05 * running.numel() * 2.0 ** -53 * float(running[-1])  # a flat cumsum minus its row start
+    row_start = (running - cw)[starts.clamp(max=cw.numel() - 1)]
+    c_sum = above[cr] + (running - row_start[cr])  # the running sum through each candidate
+    kept = (c_sum + slack) * (1.0 + kappa) <= p_th
+    gone = (c_sum - slack) * (1.0 - kappa) > p_th * (1.0 + u)
+    # the row's first entry is always kept: the first candidate when nothing is above (the row maximum
+    # has weight 1/S > 0, so a mass of 0 above means no entry above)
+    lead = (torch.arange(cr.numel(), device=device) == starts[cr]) & (above[cr] == 0)
+    kept |= lead
+    gone &= ~lead
+    failed = torch.zeros(r_count, dtype=torch.bool, device=device)
+    failed[cr[~(kept | gone)]] = True
+    # kept: every entry above the last kept candidate, and the candidates up to it
+    kept_count = torch.bincount(cr, weights=kept.to(torch.float64), minlength=r_count).long()
+    at = (starts + (kept_count - 1).clamp_(min=0)).clamp_(max=cv.numel() - 1)
+    value = torch.where(counts > 0, cv[at], math.inf)  # rows without candidates: decided elsewhere
+    torch.gt(rows, value[:, None], out=out)
+    tied = kept & (cv == cv[at][cr])  # the kept entries equal to the cut's value
+    out[cr[tied], cc[tied]] = True
+    return failed
