@@ -119,61 +119,35 @@ def _keep_block(rows: Tensor, p: float, p_th: float, kappa: float, out: Tensor) 
             out[bad] = prune_top_p_sorted(rows[bad], p)
         return
     w = rows.softmax(dim=-1)
-    keys = rows.view(_KEY[rows.dtype])
-    low, high = torch.aminmax(rows, dim=-1)
-    top, bottom = _sample_band(rows, w, p, low, high)
-    band = _Band(_key(top), _key(bottom), _key(high), _key(low))
-    usable = torch.isfinite(high) & (bottom > 0)  # keys order positive values only
+    top, bottom = _sample_band(rows, w, p)
     todo = torch.arange(r_count, device=device)
-    failed = [todo[~usable]]
-    todo, band = todo[usable], band.take(usable)
+    failed = []
     for _ in range(ROUNDS):
         if todo.numel() == 0:
             break
         every = todo.numel() == r_count
         sub_out = out if every else torch.empty((todo.numel(), rows.shape[1]), dtype=torch.bool, device=device)
-        res = _bin_round(*(t if every else t[todo] for t in (rows, keys, w)), band, p_th, kappa, sub_out)
+        res = _bin_round(*(t if every else t[todo] for t in (rows, w)), top, bottom, p_th, kappa, sub_out)
         if not every:
             decided = torch.ones(todo.numel(), dtype=torch.bool, device=device)
             decided[res.again] = False
             decided[res.failed] = False
             out[todo[decided]] = sub_out[decided]
         failed.append(todo[res.failed])
-        todo, band = todo[res.again], res.band
+        todo, top, bottom = todo[res.again], res.top, res.bottom
     failed.append(todo)  # still many candidates after ROUNDS narrower bands: not seen in practice
     failed = torch.cat(failed)
     if failed.numel():
         out[failed] = prune_top_p_sorted(rows[failed], p)
 
 
-#: Integer views whose order is the order of positive floats.
-_KEY = {torch.float32: torch.int32, torch.float64: torch.int64}
-
-
-def _key(values: Tensor) -> Tensor:
-    """Positive floats (R,) → their bit patterns as int64: increasing with the value, 1 apart between neighbours."""
-    return values.contiguous().view(_KEY[values.dtype]).to(torch.int64)
-
-
-@dataclass
-class _Band:
-    """The keys of each row's band [bottom, top], and of its maximum and minimum. (R,) int64 each."""
-
-    top: Tensor
-    bottom: Tensor
-    high: Tensor
-    low: Tensor
-
-    def take(self, ids: Tensor) -> "_Band":
-        return _Band(self.top[ids], self.bottom[ids], self.high[ids], self.low[ids])
-
-
 def _take(t: Tensor, ids: Optional[Tensor]) -> Tensor:
     return t if ids is None else t[ids]
 
 
-def _sample_band(rows: Tensor, w: Tensor, p: float, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
-    """(top, bottom) of each row's first band: around where a strided sample's share of the mass passes p."""
+def _sample_band(rows: Tensor, w: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """(top, bottom) of each row's first band: around where a strided sample's share of the mass passes p
+    (any band gives the same result: entries above and below it fall into the end bins)."""
     step = max(1, rows.shape[1] // SAMPLE)
     values, order = rows[:, ::step].sort(dim=-1, descending=True)
     ns = values.shape[1]
@@ -182,7 +156,7 @@ def _sample_band(rows: Tensor, w: Tensor, p: float, low: Tensor, high: Tensor) -
     reach = max(2, ns // 8)
     top = values.gather(1, (cut - reach).clamp(0, ns - 1)[:, None])[:, 0]
     bottom = values.gather(1, (cut + reach).clamp(0, ns - 1)[:, None])[:, 0]
-    return torch.where(cut - reach <= 0, high, top), torch.where(cut + reach >= ns - 1, low, bottom)
+    return top, bottom
 
 
 @dataclass
@@ -191,74 +165,84 @@ class _Round:
 
     failed: Tensor  #: (F,) positions among the round's rows
     again: Tensor  #: (A,) positions among the round's rows
-    band: _Band  #: their next bands
+    top: Tensor  #: (A,) their next bands
+    bottom: Tensor  #: (A,)
 
 
-def _bin_round(rows: Tensor, keys: Tensor, w: Tensor, band: _Band, p_th: float, kappa: float,
+def _ulps(top: Tensor, bottom: Tensor) -> Tensor:
+    """Representable steps from bottom up to top, for 0 < bottom ≤ top (int64)."""
+    kind = torch.int32 if top.dtype == torch.float32 else torch.int64
+    return top.contiguous().view(kind).long() - bottom.contiguous().view(kind).long()
+
+
+def _bin_round(rows: Tensor, w: Tensor, top: Tensor, bottom: Tensor, p_th: float, kappa: float,
                out: Tensor) -> _Round:
-    """One round of bins over each row's band (module docstring), on keys: bin b ≥ 1 holds the keys
-    top − (b − 1)·2^s ... top − b·2^s + 1, bin 0 those above, the last bin those below. Writes the kept
-    masks of the rows it decides into out."""
+    """One round of bins over each row's band [bottom, top] (module docstring): bin = trunc(x) with
+    x = clamp((top − s)·scale + 1, 0, bins + 1), so bin 0 holds the entries above the band and bin bins + 1
+    those below. Writes the kept masks of the rows it decides into out."""
     r_count, n = rows.shape
     device = rows.device
     u = torch.finfo(rows.dtype).eps / 2
     p_keep = p_th / (1.0 + kappa)  # a running sum ≤ p_keep: the reference keeps the entry
     p_prune = p_th * (1.0 + u) / (1.0 - kappa)  # > p_prune: the reference prunes it
     bins = min(BINS, max(MIN_BINS, n // 16))
-    span = (band.top - band.bottom).clamp_(min=0)
-    shift = torch.ceil(torch.log2((span + 1).double() / bins)).clamp_(min=0).long()
-    while True:  # log2's rounding: widen until the band fits
-        over = (span >> shift) + 1 > bins
-        if not bool(over.any()):
-            break
-        shift += over.long()
-    # bin = clamp(((top − key) >> s) + 1, 0, bins + 1), as (top + 2^s − key) >> s
-    lift = (band.top + (1 << shift)).to(keys.dtype)
-    b = torch.bitwise_right_shift(lift[:, None] - keys, shift.to(keys.dtype)[:, None]).clamp_(0, bins + 1)
+    # a band of one value (a sample all equal): the few representable values around it, one per bin
+    flat = top <= bottom
+    if bool(flat.any()):
+        half = top.abs() * (bins * torch.finfo(rows.dtype).eps / 8)
+        top, bottom = torch.where(flat, top + half, top), torch.where(flat, bottom - half, bottom)
+    scale = bins / (top - bottom)
+    usable = torch.isfinite(top * scale) & (scale > 0)  # else the reference (zero or non-finite samples)
+    # a narrow band of positive values, within a factor 2 (top − s exact): distinct values ≥ 2 bins apart
+    pure = usable & (bottom > 0) & (bottom >= top / 2) & (_ulps(top, bottom) <= bins // 2)
+    top = torch.where(usable, top, 0.0)
+    scale = torch.where(usable, scale, 0.0)
+    x = torch.addcmul((top * scale + 1.0)[:, None], rows, -scale[:, None])
+    if not bool(usable.all()):
+        x.masked_fill_(~usable[:, None], 0.0)
+    x.clamp_(0.0, bins + 1.0).nan_to_num_(nan=0.0)  # NaN in a row: its masses are NaN, it goes to the reference
     masses = torch.zeros(r_count, bins + 2, dtype=torch.float64, device=device)
-    b = b.to(torch.int64)
-    masses.scatter_add_(1, b, w.double())
+    masses.scatter_add_(1, x.to(torch.int64), w.double())
     through = masses.cumsum_(dim=1)  # through[:, b]: the mass of bins 0..b
     first = (through <= p_keep).sum(dim=1).clamp_(max=bins + 1)  # bins before it: kept, certainly
     last = (through[:, :-1] <= p_prune).sum(dim=1)  # bins after it: pruned, certainly (mass before > p_prune)
     last = torch.maximum(last, first)
     above = torch.where(first > 0, through.gather(1, (first - 1).clamp(min=0)[:, None])[:, 0], 0.0)
-    usable = torch.isfinite(through[:, -1])
+    usable &= torch.isfinite(through[:, -1])  # NaN or +inf in the row
     del through, masses
 
     # the candidates: the entries of bins first..last
-    cand = (b >= torch.where(usable, first, bins + 2)[:, None]) & (b <= last[:, None])
-    del b
-    counts = cand.sum(dim=1)
+    lower = torch.where(usable, first, bins + 2)[:, None].to(x.dtype)
+    cand = torch.ge(x, lower).logical_and_(x < (last + 1)[:, None].to(x.dtype))
+    del x
+    counts = torch.count_nonzero(cand, dim=1)
     failed = ~usable | (counts == 0)
     heavy = counts > max(HEAVY, n // 64)
-    # one key per bin and a single bin: a run of equal entries, counted instead of listed
-    run = torch.nonzero(heavy & usable & (shift == 0) & (first == last) & (first >= 1) & (first <= bins))[:, 0]
+    # a pure bin alone: a run of equal entries, counted instead of listed
+    run = torch.nonzero(heavy & usable & pure & (first == last) & (first >= 1) & (first <= bins))[:, 0]
     if run.numel():
-        value = (band.top[run] - (first[run] - 1)).to(keys.dtype).view(rows.dtype)
-        done, run_mask = _run_keep(rows[run], w[run], value, counts[run], above[run], p_th, kappa)
+        sub = rows[run]
+        value = sub.gather(1, cand[run].to(torch.int8).argmax(dim=1, keepdim=True))[:, 0]
+        done, run_mask = _run_keep(sub, w[run], value, counts[run], above[run], p_th, kappa)
         failed[run[~done]] = True
-    listed = ~heavy & ~failed
-    if not bool(listed.all()):
-        cand &= listed[:, None]
+        del sub
+    unlisted = torch.nonzero(heavy | failed)[:, 0]
+    if unlisted.numel():
+        cand[unlisted] = False
     if run.numel():
         heavy[run] = False
     again = torch.nonzero(heavy & ~failed)[:, 0]
-    # the next band of the rows with many candidates: the keys of bins first..last
-    step = 1 << shift[again]
-    next_top = torch.where(first[again] == 0, band.high[again], band.top[again] - (first[again] - 1) * step)
-    next_bottom = torch.where(last[again] == bins + 1, band.low[again], band.top[again] - last[again] * step + 1)
-    positive = next_bottom > 0
-    failed[again[~positive]] = True
-    again = again[positive]
-    nxt = _Band(next_top[positive], next_bottom[positive], band.high[again], band.low[again])
+    # the next band: bins first..last, with a bin to spare on each side
+    bin_width = 1.0 / scale[again]
+    next_top = top[again] - (first[again] - 2).to(top.dtype) * bin_width
+    next_bottom = top[again] - (last[again] + 1).to(top.dtype) * bin_width
     cr, cc = cand.nonzero(as_tuple=True)  # row by row, columns ascending
     del cand
     if cr.numel():
         failed |= _list_keep(rows, w, cr, cc, above, p_th, kappa, out)  # writes every row of out
     if run.numel():
         out[run] = run_mask
-    return _Round(torch.nonzero(failed)[:, 0], again, nxt)
+    return _Round(torch.nonzero(failed)[:, 0], again, next_top, next_bottom)
 
 
 def _run_keep(rows: Tensor, w: Tensor, value: Tensor, count: Tensor, above: Tensor, p_th: float,
