@@ -201,25 +201,27 @@ def _bin_round(rows: Tensor, w: Tensor, top: Tensor, bottom: Tensor, p_th: float
     if not bool(usable.all()):
         x.masked_fill_(~usable[:, None], 0.0)
     x.clamp_(0.0, bins + 1.0).nan_to_num_(nan=0.0)  # NaN in a row: its masses are NaN, it goes to the reference
+    b = x.to(torch.int64)
+    del x
     masses = torch.zeros(r_count, bins + 2, dtype=torch.float64, device=device)
-    masses.scatter_add_(1, x.to(torch.int64), w.double())
+    masses.scatter_add_(1, b, w.double())
     through = masses.cumsum_(dim=1)  # through[:, b]: the mass of bins 0..b
     first = (through <= p_keep).sum(dim=1).clamp_(max=bins + 1)  # bins before it: kept, certainly
-    last = (through[:, :-1] <= p_prune).sum(dim=1)  # bins after it: pruned, certainly (mass before > p_prune)
-    last = torch.maximum(last, first)
-    above = torch.where(first > 0, through.gather(1, (first - 1).clamp(min=0)[:, None])[:, 0], 0.0)
+    # the last entry of bin `first` has the running sum through[first]: kept or pruned for certain, or the
+    # row is the reference's
     usable &= torch.isfinite(through[:, -1])  # NaN or +inf in the row
+    usable &= through.gather(1, first[:, None])[:, 0] > p_prune
+    above = torch.where(first > 0, through.gather(1, (first - 1).clamp(min=0)[:, None])[:, 0], 0.0)
     del through, masses
 
-    # the candidates: the entries of bins first..last
-    lower = torch.where(usable, first, bins + 2)[:, None].to(x.dtype)
-    cand = torch.ge(x, lower).logical_and_(x < (last + 1)[:, None].to(x.dtype))
-    del x
+    # the candidates: the entries of bin `first`
+    cand = b == torch.where(usable, first, -1)[:, None]
+    del b
     counts = torch.count_nonzero(cand, dim=1)
     failed = ~usable | (counts == 0)
     heavy = counts > max(HEAVY, n // 64)
-    # a pure bin alone: a run of equal entries, counted instead of listed
-    run = torch.nonzero(heavy & usable & pure & (first == last) & (first >= 1) & (first <= bins))[:, 0]
+    # a pure bin: a run of equal entries, counted instead of listed
+    run = torch.nonzero(heavy & usable & pure & (first >= 1) & (first <= bins))[:, 0]
     if run.numel():
         sub = rows[run]
         value = sub.gather(1, cand[run].to(torch.int8).argmax(dim=1, keepdim=True))[:, 0]
@@ -232,10 +234,10 @@ def _bin_round(rows: Tensor, w: Tensor, top: Tensor, bottom: Tensor, p_th: float
     if run.numel():
         heavy[run] = False
     again = torch.nonzero(heavy & ~failed)[:, 0]
-    # the next band: bins first..last, with a bin to spare on each side
+    # the next band: bin `first`, with a bin to spare on each side
     bin_width = 1.0 / scale[again]
     next_top = top[again] - (first[again] - 2).to(top.dtype) * bin_width
-    next_bottom = top[again] - (last[again] + 1).to(top.dtype) * bin_width
+    next_bottom = top[again] - (first[again] + 1).to(top.dtype) * bin_width
     cr, cc = cand.nonzero(as_tuple=True)  # row by row, columns ascending
     del cand
     if cr.numel():
