@@ -265,7 +265,8 @@ def _forward_many(model: nn.Module, pixels: Tensor, text_features: Tensor, runs:
     needs = [TrunkNeed(p.plan, frozenset(s for s in p.starts if s < depth - 1)) for p in prepared]
     x, clip_grid = embed_tokens(model.visual, pixels)
     trunks = run_trunks(model.visual, x, clip_grid, needs)
-    return [_head(model, trunk, text_features, prep, run) for trunk, prep, run in zip(trunks, prepared, runs)]
+    shared: dict = {}  # the last block's q, k, v and the uniform branch, per trunk tokens: the same for such methods
+    return [_head(model, trunk, text_features, prep, run, shared) for trunk, prep, run in zip(trunks, prepared, runs)]
 
 
 def _forward(
@@ -289,8 +290,13 @@ def _forward(
     return _forward_many(model, pixels, text_features, [run])[0]
 
 
-def _head(model: nn.Module, trunk: Trunk, text_features: Tensor, prep: _Prepared, run: MethodRun) -> _Forward:
-    """The last block of a method on its trunk: the baseline, then each FSA setting's passes."""
+def _head(model: nn.Module, trunk: Trunk, text_features: Tensor, prep: _Prepared, run: MethodRun,
+          shared: dict) -> _Forward:
+    """The last block of a method on its trunk: the baseline, then each FSA setting's passes.
+
+    shared: what methods on the same trunk tokens compute alike (q, k, v of the last block; the cosines under
+    uniform attention for the same values and residual/FFN rule), kept by the first and reused: the same
+    operations on the same tensors, so each method's results are those it gets alone."""
     method, options, plan = prep.method, prep.options, prep.plan
     feedbacks, proxy_features, keep_details = run.feedbacks, run.proxy_features, run.keep_details
     adapted_per, starts = prep.adapted_per, prep.starts
@@ -301,7 +307,10 @@ def _head(model: nn.Module, trunk: Trunk, text_features: Tensor, prep: _Prepared
     x, clip_grid, entering, maps = trunk.x, trunk.clip_grid, trunk.entering, trunk.maps
     fused = [maps[i] for i in plan.capture]
     last = blocks[-1]
-    q, k, v = block_qkv(last, x)
+    key = id(x)
+    if ("qkv", key) not in shared:
+        shared[("qkv", key)] = (x, block_qkv(last, x))  # x kept so that its id is not reused
+    q, k, v = shared[("qkv", key)][1]
     base = baseline_attention(method, q, k, v, clip_grid, proxy_features=proxy_features, fused_maps=fused,
                               options=options)
     a0_v = base.apply(base.values)
@@ -312,8 +321,13 @@ def _head(model: nn.Module, trunk: Trunk, text_features: Tensor, prep: _Prepared
     if not feedbacks:
         return result
 
-    u_cos = (_uniform_cosines(visual, last, x, base, text_features, rule.residual, rule.ffn)
-             if any(fb.isolation for fb in feedbacks) else None)  # the same for every setting and pass
+    u_cos = None  # the same for every setting and pass
+    if any(fb.isolation for fb in feedbacks):
+        u_key = ("uniform", key, id(base.values), base.cls_token, rule.residual, rule.ffn)
+        if u_key not in shared:
+            shared[u_key] = (base.values, _uniform_cosines(visual, last, x, base, text_features, rule.residual,
+                                                           rule.ffn))
+        u_cos = shared[u_key][1]
     for feedback, adapted, start in zip(feedbacks, adapted_per, starts):
         steps: list[FeedbackStep] = []
         fsa_cos = cos

@@ -83,13 +83,15 @@ class Segmenter:
         self.text_cache = text_cache if text_cache is not None else TextFeatureCache()
 
         self._given: Optional[LoadedClip] = None
+        self._given_proxy = None
 
     @classmethod
     def from_model(cls, model, *, name: str = "custom", device=None, tokenizer=None,
-                   proxy: str = TINY_TEST) -> "Segmenter":
+                   proxy: str = TINY_TEST, proxy_model=None) -> "Segmenter":
         """A segmenter over an open_clip CLIP already in memory (e.g. random weights for benchmarks).
 
-        Pixels are normalised with OpenAI CLIP's mean and std; `tokenizer` defaults to open_clip's.
+        Pixels are normalised with OpenAI CLIP's mean and std; `tokenizer` defaults to open_clip's;
+        `proxy_model`: a `fsa.proxies.ProxyModel` already in memory for ProxyCLIP (else `proxy` is loaded).
         """
         import open_clip
 
@@ -103,6 +105,7 @@ class Segmenter:
             mean=tuple(open_clip.OPENAI_DATASET_MEAN), std=tuple(open_clip.OPENAI_DATASET_STD),
             patch_size=int(model.visual.conv1.kernel_size[0]), key=f"given|{name}|{id(model)}|{param.dtype}",
         )
+        seg._given_proxy = proxy_model
         return seg
 
     @property
@@ -170,6 +173,11 @@ class Segmenter:
         report(1.0, "done")
 
     # -- the pipeline -------------------------------------------------------------------------
+    def _proxy(self, progress: Optional[Progress]):
+        if self._given_proxy is not None:
+            return self._given_proxy
+        return self.cache.get_proxy(self.proxy_name, device=self.device, progress=progress)
+
     def _run(self, image, vocabulary: str, settings: SegmentSettings, progress: Optional[Progress],
              want_baseline: bool) -> list[SegmentationResult]:
         report = progress or (lambda fraction, message: None)
@@ -191,7 +199,7 @@ class Segmenter:
         t0 = time.perf_counter()
         clip = self.load(report)
         if settings is not None and settings.method == "proxyclip":
-            self.cache.get_proxy(self.proxy_name, device=self.device, progress=report)
+            self._proxy(report)
         timings = {"load": time.perf_counter() - t0}
 
         report(0.1, f"encoding {len(vocab.queries)} text queries")
@@ -206,7 +214,7 @@ class Segmenter:
         t0 = time.perf_counter()
         proxy = None
         if settings.method == "proxyclip":
-            proxy = self.cache.get_proxy(self.proxy_name, device=self.device, progress=progress)
+            proxy = self._proxy(progress)
         load = time.perf_counter() - t0
         height, width = prep.rgb.shape[:2]
         clip = prep.clip
