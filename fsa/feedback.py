@@ -48,21 +48,48 @@ def _without_subnormals(pi: Tensor) -> Tensor:
     return pi.masked_fill(small, 0.0) if bool(small.any()) else pi
 
 
+#: Rows of KL / Ŝ / A_new made at a time (2 MiB of float32 per temporary): the passes over a block of rows
+#: (the product's epilogue, top-p, the scaling) stay in cache, and the full N×N is written once.
+ROW_BLOCK_ELEMENTS = 1 << 19
+
+
+def _kl_terms(pi: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(Π, G, h) of `kl_divergence`: Π in the compute dtype without subnormals, G = log(Π + ε), h = Σ_k Π G."""
+    pi = pi.to(compute_dtype(pi.dtype))
+    g = torch.log(pi + eps)
+    pi = _without_subnormals(pi)
+    return pi, g, (pi * g).sum(dim=-1, keepdim=True)  # h: (B, N, 1)
+
+
+def _kl_rows(terms: tuple[Tensor, Tensor, Tensor], b: int, r0: int, r1: int) -> Tensor:
+    """Rows r0..r1 of image b's KL matrix: (r1 − r0, N), clamped ≥ 0, diagonal 0."""
+    pi, g, h = terms
+    kl = torch.addmm(h[b, r0:r1], pi[b, r0:r1], g[b].T, beta=1.0, alpha=-1.0)
+    kl.diagonal(offset=r0).zero_()
+    return kl.clamp_(min=0.0)
+
+
+def _row_blocks(n: int):
+    step = max(1, ROW_BLOCK_ELEMENTS // max(1, n))
+    return [(r0, min(n, r0 + step)) for r0 in range(0, n, step)]
+
+
 def kl_divergence(pi: Tensor, eps: float = 1e-10) -> Tensor:
     """KL_ij = Σ_k Π_ik (G_ik − G_jk) with G = log(Π + ε), clamped ≥ 0, diagonal exactly 0.
 
     pi: (B, N, K) → (B, N, N), float32 or wider. ε enters only the logarithms (the weights are Π
     itself), as in the published code. Exact form: KL_ij = h_i − (Π Gᵀ)_ij with
-    h_i = Σ_k Π_ik G_ik, one (N×K)·(K×N) product instead of an N×N×K tensor. The diagonal is 0 in
-    exact arithmetic and set so (rounding would otherwise leave Ŝ_ii a hair below 1).
+    h_i = Σ_k Π_ik G_ik, one (N×K)·(K×N) product instead of an N×N×K tensor (made a block of rows at a
+    time, as `feedback_attention` makes it). The diagonal is 0 in exact arithmetic and set so (rounding
+    would otherwise leave Ŝ_ii a hair below 1).
     """
-    pi = pi.to(compute_dtype(pi.dtype))
-    g = torch.log(pi + eps)
-    pi = _without_subnormals(pi)
-    h = (pi * g).sum(dim=-1, keepdim=True)  # (B, N, 1)
-    kl = torch.baddbmm(h, pi, g.transpose(1, 2), beta=1.0, alpha=-1.0)
-    kl.diagonal(dim1=-2, dim2=-1).zero_()
-    return kl.clamp_(min=0.0)
+    terms = _kl_terms(pi, eps)
+    b_count, n = pi.shape[:2]
+    out = terms[0].new_empty(b_count, n, n)
+    for b in range(b_count):
+        for r0, r1 in _row_blocks(n):
+            out[b, r0:r1] = _kl_rows(terms, b, r0, r1)
+    return out
 
 
 def symmetric_kl_divergence(pi: Tensor, eps: float = 1e-10) -> Tensor:
@@ -237,9 +264,21 @@ def feedback_attention(pi: Tensor, cfg: FeedbackConfig) -> Tensor:
 
     pi: (B, N, K) → (B, N, N); the N×N similarity and mask are freed before returning.
     """
-    sim = output_similarity(pi, cfg.eps, cfg.similarity)
-    pruned = prune_top_p(sim, cfg.p).logical_not_() if cfg.pruning else None
-    return _scaled_softmax(sim, pruned, cfg.lam)
+    if cfg.similarity != "kl":
+        sim = output_similarity(pi, cfg.eps, cfg.similarity)
+        pruned = prune_top_p(sim, cfg.p).logical_not_() if cfg.pruning else None
+        return _scaled_softmax(sim, pruned, cfg.lam)
+    # Ŝ_ij = 1/(1 + KL_ij), the pruning and the scaling only need row i: a block of rows at a time, the
+    # same arithmetic (and the same Ŝ as `output_similarity`) as on the whole matrix
+    terms = _kl_terms(pi, cfg.eps)
+    b_count, n = pi.shape[:2]
+    out = terms[0].new_empty(b_count, n, n)
+    for b in range(b_count):
+        for r0, r1 in _row_blocks(n):
+            sim = _kl_rows(terms, b, r0, r1).add_(1.0).reciprocal_()
+            pruned = prune_top_p(sim, cfg.p).logical_not_() if cfg.pruning else None
+            out[b, r0:r1] = _scaled_softmax(sim, pruned, cfg.lam)
+    return out
 
 
 def adapt_values(

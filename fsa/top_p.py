@@ -34,8 +34,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-#: Elements of a block of rows worked on at once (8 MiB of float32 per temporary).
-CHUNK_ELEMENTS = 1 << 21
+#: Elements of a block of rows worked on at once (2 MiB of float32 per temporary: the passes over a block
+#: stay in cache).
+CHUNK_ELEMENTS = 1 << 19
 #: Bins across each row's band (N / 16 of them, within these bounds), and entries of each row's sample.
 BINS, MIN_BINS = 1024, 64
 #: A row with more candidates than max(HEAVY, N / 64) gets a narrower band (up to ROUNDS rounds), unless its
