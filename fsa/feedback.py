@@ -3,6 +3,12 @@
 Everything here is O(N²) memory for N patches: the KL is one matrix product (the symmetric KL
 too; Jensen–Shannon is summed over chunks of classes, N×N each), one N×N attention is shared by
 all heads, and the ensemble is applied to values, never formed as a matrix.
+
+Exact shortcuts (results equal up to floating-point rounding, the top-p mask equal on every entry):
+Ŝ, its top-p pruning (`fsa.top_p`, no full sort) and the scaling are made a block of rows at a time;
+subnormal probabilities are zeroed before Π·Gᵀ (`_without_subnormals`); ProxyCLIP's values are an
+upsampling of CLIP's, so its ensemble runs on CLIP's grid through the upsampling's adjoint
+(`ensemble_apply_upsampled`).
 """
 from __future__ import annotations
 

@@ -12,7 +12,9 @@
       [probability threshold → background].
 
 Baseline and baseline + FSA come from the same forward pass of each window; so do several FSA
-settings at once (an ablation sweep: `window_cosines(..., feedbacks={key: setting})`).
+settings at once (an ablation sweep: `window_cosines(..., feedbacks={key: setting})`), and several
+methods whose windows lie in the same places (compare-all: `window_passes` with one `WindowJob` per
+method runs blocks 1..L-1 once per window batch for all of them, `fsa.trunk`).
 """
 from __future__ import annotations
 

@@ -24,7 +24,10 @@ paper leaves open, each a switch whose default is the paper:
   grid while earlier blocks attend on the CLIP grid, and no resampling rule comes from the paper.
 
 An ablation sweep (`compute_sweep_logits`) shares the network work across several settings: the
-encoder and the baseline run once, each setting then runs only its own feedback passes.
+encoder and the baseline run once, each setting then runs only its own feedback passes. Several
+methods on the same pixels (`compute_methods_logits`, compare-all) share blocks 1..L-1 too
+(`fsa.trunk.run_trunks`: once per distinct weights) and the last block's q, k, v where their trunk
+tokens are the same; each method's results stay bit for bit those it gets alone.
 """
 from __future__ import annotations
 
