@@ -14,14 +14,16 @@ the same mask on every entry without sorting the rows:
 3. The bins' masses (float64) locate the one bin where the running sum crosses p; only its entries
    ("candidates", a few per row) are sorted, with the stable sort's tie order. A bin holding one
    value many times (a run of ties, common for confident class distributions) is counted instead of
-   listed: its j-th entry has the running sum (mass above) + j·w. A bin with many distinct values
-   gets a narrower band in another round.
+   listed: its j-th entry has the running sum (mass above) + j·w. A row whose bin holds many distinct
+   values goes to the reference (a narrower band in another round cost more than it saved).
 4. Certified rounding: the reference's running sums differ from ours only by rounding (its softmax
    sums the row in sorted order, ours in column order). Every decision is taken only when it holds for
    every value a bound of those differences allows (`_margin`); a row where an entry is too close to p
    to decide is redone by the reference: about 1 % of the rows at N = 1764, a few % at N = 4096.
    The kept set is then every entry above the cut's value, and the entries equal to it up to a column.
 
+Rows made of long runs of ties (the similarities of near one-hot class distributions: most of a row's
+sample repeats) are cheaper to sort: a block where most rows look so goes to the reference whole.
 O(N²) memory, worked on blocks of rows that stay in cache; the result does not depend on the blocks.
 """
 from __future__ import annotations
@@ -38,9 +40,14 @@ from torch import Tensor
 CHUNK_ELEMENTS = 1 << 19
 #: Bins across each row's band (N / 16 of them, within these bounds), and entries of each row's sample.
 BINS, MIN_BINS = 1024, 64
-#: A row with more candidates than max(HEAVY, N / 64) gets a narrower band (up to ROUNDS rounds), unless its
-#: candidates are all equal (a run of ties: counted, not listed).
-HEAVY, ROUNDS = 32, 3
+#: A row with more candidates than max(HEAVY, N / HEAVY_SHARE) goes to the reference, unless its candidates are all
+#: equal (a run of ties: counted, not listed). (Narrower bands in further rounds cost more than they save.)
+HEAVY, HEAVY_SHARE = 32, 8
+#: A block of rows goes to the sorted reference when more than this share of its rows repeat values in a quarter
+#: or more of their sample (the similarities of near one-hot class distributions: runs of ties everywhere).
+TIED_SHARE = 0.5
+#: The band reaches ±S / REACH sample entries around the sample's estimate of the cut.
+REACH = 8
 SAMPLE = 64
 #: Rows shorter than this go to the reference: its sort is as cheap as the bins there.
 MIN_FAST_LENGTH = 256
@@ -122,55 +129,30 @@ def _keep_block(rows: Tensor, p: float, p_th: float, kappa: float, out: Tensor) 
         if bad.numel():
             out[bad] = prune_top_p_sorted(rows[bad], p)
         return
+    step = max(1, rows.shape[1] // SAMPLE)
+    values, order = rows[:, ::step].sort(dim=-1, descending=True)  # a strided sample of each row
+    repeats = (values[:, 1:] == values[:, :-1]).sum(dim=1)
+    if float((repeats >= values.shape[1] // 4).float().mean()) > TIED_SHARE:
+        out.copy_(prune_top_p_sorted(rows, p))  # rows made of runs of ties: sorting them beats the bins
+        return
     w = rows.softmax(dim=-1)
-    top, bottom = _sample_band(rows, w, p)
-    todo = torch.arange(r_count, device=device)
-    failed = []
-    for _ in range(ROUNDS):
-        if todo.numel() == 0:
-            break
-        every = todo.numel() == r_count
-        sub_out = out if every else torch.empty((todo.numel(), rows.shape[1]), dtype=torch.bool, device=device)
-        res = _bin_round(*(t if every else t[todo] for t in (rows, w)), top, bottom, p_th, kappa, sub_out)
-        if not every:
-            decided = torch.ones(todo.numel(), dtype=torch.bool, device=device)
-            decided[res.again] = False
-            decided[res.failed] = False
-            out[todo[decided]] = sub_out[decided]
-        failed.append(todo[res.failed])
-        todo, top, bottom = todo[res.again], res.top, res.bottom
-    failed.append(todo)  # still many candidates after ROUNDS narrower bands: not seen in practice
-    failed = torch.cat(failed)
+    top, bottom = _sample_band(values, w[:, ::step].gather(1, order), p)
+    failed = _bin_keep(rows, w, top, bottom, p_th, kappa, out)
     if failed.numel():
         out[failed] = prune_top_p_sorted(rows[failed], p)
 
 
-def _take(t: Tensor, ids: Optional[Tensor]) -> Tensor:
-    return t if ids is None else t[ids]
-
-
-def _sample_band(rows: Tensor, w: Tensor, p: float) -> tuple[Tensor, Tensor]:
-    """(top, bottom) of each row's first band: around where a strided sample's share of the mass passes p
-    (any band gives the same result: entries above and below it fall into the end bins)."""
-    step = max(1, rows.shape[1] // SAMPLE)
-    values, order = rows[:, ::step].sort(dim=-1, descending=True)
+def _sample_band(values: Tensor, weights: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """(top, bottom) of each row's band from its sample (R, S) sorted descending and the weights w of those
+    entries: around where the sample's share of the mass passes p (any band gives the same result: entries
+    above and below it fall into the end bins)."""
     ns = values.shape[1]
-    mass = w[:, ::step].gather(1, order).double().cumsum_(dim=1)
+    mass = weights.double().cumsum_(dim=1)
     cut = (mass <= p * mass[:, -1:]).sum(dim=1)
-    reach = max(2, ns // 8)
+    reach = max(2, ns // REACH)
     top = values.gather(1, (cut - reach).clamp(0, ns - 1)[:, None])[:, 0]
     bottom = values.gather(1, (cut + reach).clamp(0, ns - 1)[:, None])[:, 0]
     return top, bottom
-
-
-@dataclass
-class _Round:
-    """What a round of bins left: rows to the reference, and rows for another round with a narrower band."""
-
-    failed: Tensor  #: (F,) positions among the round's rows
-    again: Tensor  #: (A,) positions among the round's rows
-    top: Tensor  #: (A,) their next bands
-    bottom: Tensor  #: (A,)
 
 
 def _ulps(top: Tensor, bottom: Tensor) -> Tensor:
@@ -179,11 +161,11 @@ def _ulps(top: Tensor, bottom: Tensor) -> Tensor:
     return top.contiguous().view(kind).long() - bottom.contiguous().view(kind).long()
 
 
-def _bin_round(rows: Tensor, w: Tensor, top: Tensor, bottom: Tensor, p_th: float, kappa: float,
-               out: Tensor) -> _Round:
-    """One round of bins over each row's band [bottom, top] (module docstring): bin = trunc(x) with
+def _bin_keep(rows: Tensor, w: Tensor, top: Tensor, bottom: Tensor, p_th: float, kappa: float,
+              out: Tensor) -> Tensor:
+    """Bins over each row's band [bottom, top] (module docstring): bin = trunc(x) with
     x = clamp((top − s)·scale + 1, 0, bins + 1), so bin 0 holds the entries above the band and bin bins + 1
-    those below. Writes the kept masks of the rows it decides into out."""
+    those below. Writes the kept masks of the rows it decides into out; → the other rows (for the reference)."""
     r_count, n = rows.shape
     device = rows.device
     u = torch.finfo(rows.dtype).eps / 2
@@ -225,7 +207,7 @@ def _bin_round(rows: Tensor, w: Tensor, top: Tensor, bottom: Tensor, p_th: float
     del b
     counts = cand.view(torch.uint8).sum(dim=1, dtype=torch.int32).long()  # twice as fast as count_nonzero
     failed = ~usable | (counts == 0)
-    heavy = counts > max(HEAVY, n // 64)
+    heavy = counts > max(HEAVY, n // HEAVY_SHARE)
     # a pure bin: a run of equal entries, counted instead of listed
     run = torch.nonzero(heavy & usable & pure & (first >= 1) & (first <= bins))[:, 0]
     if run.numel():
@@ -233,25 +215,21 @@ def _bin_round(rows: Tensor, w: Tensor, top: Tensor, bottom: Tensor, p_th: float
         at = cand[run].view(torch.uint8).argmax(dim=1, keepdim=True)  # an entry of the run
         done, run_mask = _run_keep(sub, sub.gather(1, at)[:, 0], w[run].gather(1, at)[:, 0].double(), counts[run],
                                    above[run], limit[run], kappa)
-        failed[run[~done]] = True
         del sub
-    unlisted = torch.nonzero(heavy | failed)[:, 0]
+    # many distinct candidates (a band that missed, or a dense stretch of values): the reference
+    failed |= heavy
+    if run.numel():
+        failed[run] = ~done
+    unlisted = torch.nonzero(failed | heavy)[:, 0]  # heavy: runs too
     if unlisted.numel():
         cand[unlisted] = False
-    if run.numel():
-        heavy[run] = False
-    again = torch.nonzero(heavy & ~failed)[:, 0]
-    # the next band: bin `first`, with a bin to spare on each side
-    bin_width = 1.0 / scale[again]
-    next_top = top[again] - (first[again] - 2).to(top.dtype) * bin_width
-    next_bottom = top[again] - (first[again] + 1).to(top.dtype) * bin_width
     cr, cc = cand.nonzero(as_tuple=True)  # row by row, columns ascending
     del cand
     if cr.numel():
         failed |= _list_keep(rows, w, cr, cc, above, limit, kappa, out)  # writes every row of out
     if run.numel():
         out[run] = run_mask
-    return _Round(torch.nonzero(failed)[:, 0], again, next_top, next_bottom)
+    return torch.nonzero(failed)[:, 0]
 
 
 def _run_keep(rows: Tensor, value: Tensor, weight: Tensor, count: Tensor, above: Tensor, p_th: Tensor,

@@ -40,19 +40,28 @@ def _check(sim: torch.Tensor, p: float) -> None:
     assert torch.equal(got, want), f"{int((got != want).sum())} of {want.numel()} entries differ"
 
 
+@pytest.fixture(params=["dispatch", "bins only"])
+def dispatch(request, monkeypatch):
+    """Rows full of ties go to the sorted reference as a block (TIED_SHARE); "bins only" sends them through the
+    bins (runs of ties counted) so that those paths are checked too."""
+    if request.param == "bins only":
+        monkeypatch.setattr(top_p, "TIED_SHARE", 2.0)
+    return request.param
+
+
 @pytest.mark.parametrize("kind", ["peaked", "uniform", "clustered", "ties", "wide"])
 @pytest.mark.parametrize("p", [0.05, 0.45, 0.9])
-def test_equals_the_sorted_reference(kind, p):
+def test_equals_the_sorted_reference(kind, p, dispatch):
     _check(_sim(kind, 600, seed=len(kind), batch=2), p)
 
 
 @pytest.mark.parametrize("kind", ["peaked", "uniform"])
-def test_equals_the_reference_at_proxy_sizes(kind):
+def test_equals_the_reference_at_proxy_sizes(kind, dispatch):
     _check(_sim(kind, 1764, seed=3), 0.45)
 
 
 @pytest.mark.parametrize("kind", ["peaked", "clustered"])
-def test_float64(kind):
+def test_float64(kind, dispatch):
     _check(_sim(kind, 500, seed=4, dtype=torch.float64), 0.45)
     _check(_sim(kind, 500, seed=4, dtype=torch.float64), 0.3)
 
@@ -62,7 +71,7 @@ def test_extreme_p(p):
     _check(_sim("clustered", 400, seed=5), p)
 
 
-def test_special_rows():
+def test_special_rows(dispatch):
     sim = _sim("uniform", 300, seed=6).clone()
     sim[0, 0] = 0.5  # constant row
     sim[0, 0, :] = 0.5
@@ -81,15 +90,16 @@ def test_short_rows_go_to_the_reference():
 
 
 @pytest.mark.parametrize("chunk", [1, 300, 1 << 19])
-def test_any_block_of_rows(monkeypatch, chunk):
+def test_any_block_of_rows(monkeypatch, chunk, dispatch):
     """The rows are worked on in blocks of CHUNK_ELEMENTS entries: the result does not depend on them."""
     monkeypatch.setattr(top_p, "CHUNK_ELEMENTS", chunk)
     _check(_sim("peaked", 300, seed=8, batch=2), 0.45)
 
 
-@pytest.mark.parametrize("kind", ["peaked", "uniform", "clustered"])
-def test_the_fast_path_decides_most_rows(monkeypatch, kind):
-    """Rows the fast path leaves to the sorted reference (too close to p to certify) are few."""
+@pytest.mark.parametrize("kind,share", [("uniform", 0.15), ("clustered", 0.15), ("peaked", 1.0)])
+def test_the_fast_path_decides_most_rows(monkeypatch, kind, share):
+    """Rows the bins leave to the sorted reference (too close to p to certify) are few; near one-hot class
+    distributions (runs of ties everywhere) go to the reference whole."""
     seen = []
     real = top_p.prune_top_p_sorted
 
@@ -100,7 +110,10 @@ def test_the_fast_path_decides_most_rows(monkeypatch, kind):
     monkeypatch.setattr(top_p, "prune_top_p_sorted", counting)
     sim = _sim(kind, 1764, seed=9)
     assert torch.equal(top_p.prune_top_p(sim, 0.45), real(sim, 0.45))
-    assert sum(seen) < 0.15 * 1764, f"{sum(seen)} of 1764 rows went to the reference"
+    if share < 1:
+        assert sum(seen) < share * 1764, f"{sum(seen)} of 1764 rows went to the reference"
+    else:
+        assert sum(seen) == 1764
 
 
 def test_margin_refuses_what_it_cannot_bound():
