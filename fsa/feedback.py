@@ -171,12 +171,15 @@ def adapted_attention(sim: Tensor, keep: Optional[Tensor], lam: float) -> Tensor
     return _scaled_softmax(sim, None if keep is None else ~keep, lam)
 
 
-def _scaled_softmax(sim: Tensor, pruned: Optional[Tensor], lam: float) -> Tensor:
-    """softmax_row(Ŝ·exp(λŜ)), −inf where pruned; the same arithmetic as `adapted_attention`, in one buffer."""
+def _scaled_softmax(sim: Tensor, pruned: Optional[Tensor], lam: float, out: Optional[Tensor] = None) -> Tensor:
+    """softmax_row(Ŝ·exp(λŜ)), −inf where pruned; the same arithmetic as `adapted_attention`, in one buffer
+    (and written into out, of sim's shape, when given)."""
     logits = torch.exp(lam * sim).mul_(sim)  # Ŝ·exp(λŜ): the product commutes, bit for bit
     if pruned is not None:
         logits.masked_fill_(pruned, float("-inf"))
-    return logits.softmax(dim=-1)
+    if out is None:
+        return logits.softmax(dim=-1)
+    return torch.ops.aten._softmax.out(logits, -1, False, out=out)  # softmax's own kernel, no copy
 
 
 def apply_new(a_new: Tensor, v: Tensor, *, cls_token: bool) -> Tensor:
@@ -229,16 +232,15 @@ class UpsampledValues:
 def upsampling_adjoint(a: Tensor, coarse_grid: tuple[int, int], grid: tuple[int, int]) -> Tensor:
     """A·R for A (B, M, I·J) and R the bilinear upsampling from coarse_grid (gh, gw) to grid (I, J).
 
-    Row m of A·R is R_yᵀ·A_m·R_x with A_m the row as an I×J map: two thin products, (B·M·I, J)·(J, gw) and
-    (B·M·gw, I)·(I, gh), instead of an (I·J × gh·gw) matrix. → (B, M, gh·gw).
+    Row m of A·R is R_yᵀ·A_m·R_x with A_m the row as an I×J map: a batch of (gh×I)·(I×J) products, then one
+    (B·M·gh, J)·(J, gw), instead of an (I·J × gh·gw) matrix. → (B, M, gh·gw).
     """
     b, m, _ = a.shape
     (gh, gw), (i, j) = coarse_grid, grid
     rx = linear_resize_matrix(gw, j, a.dtype, a.device)  # (J, gw)
     ry = linear_resize_matrix(gh, i, a.dtype, a.device)  # (I, gh)
-    t = (a.reshape(b * m * i, j) @ rx).view(b * m, i, gw)
-    t = t.transpose(1, 2).reshape(b * m * gw, i) @ ry  # (B·M·gw, gh)
-    return t.view(b * m, gw, gh).transpose(1, 2).reshape(b, m, gh * gw)
+    t = torch.matmul(ry.T, a.reshape(b * m, i, j))  # (B·M, gh, J): R_yᵀ·A_m for every row m
+    return (t.reshape(b * m * gh, j) @ rx).view(b, m, gh * gw)
 
 
 def ensemble_apply_upsampled(a_new: Tensor, a0: Optional[Tensor], values: UpsampledValues) -> Tensor:
@@ -283,7 +285,7 @@ def feedback_attention(pi: Tensor, cfg: FeedbackConfig) -> Tensor:
         for r0, r1 in _row_blocks(n):
             sim = _kl_rows(terms, b, r0, r1).add_(1.0).reciprocal_()
             pruned = prune_top_p(sim, cfg.p).logical_not_() if cfg.pruning else None
-            out[b, r0:r1] = _scaled_softmax(sim, pruned, cfg.lam)
+            _scaled_softmax(sim, pruned, cfg.lam, out=out[b, r0:r1])
     return out
 
 
