@@ -8,153 +8,25 @@ told to give large blocks back to the system so that freed memory shows).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import platform
-import re
 import statistics
 import time
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .config import FeedbackConfig
-from .feedback import adapted_attention, ensemble_apply, output_similarity, prune_top_p
 from .logits import compute_patch_logits
-
-
-@dataclass
-class Row:
-    case: str
-    baseline: str
-    fsa: str
-    ratio: str
-    goal: str
-    extra_mib: str
-    note: str = ""
-
-
-class PeakMemory:
-    """Peak memory (MiB) above the level at entry, for one block of code."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak_mib = float("nan")
-
-    @staticmethod
-    def _status(field: str) -> Optional[int]:
-        try:
-            with open("/proc/self/status") as fh:
-                match = re.search(rf"{field}:\s+(\d+) kB", fh.read())
-        except OSError:
-            return None
-        return int(match.group(1)) if match else None
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-        else:
-            _release_freed_memory()
-            try:
-                with open("/proc/self/clear_refs", "w") as fh:
-                    fh.write("5")  # resets VmHWM to the current resident set
-            except OSError:
-                pass
-            self._start = (self._status("VmRSS") or 0) * 1024
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            hwm = self._status("VmHWM")
-            peak = hwm * 1024 if hwm is not None else float("nan")
-        self.peak_mib = (peak - self._start) / 2**20
-
-
-def _release_freed_memory() -> None:
-    """Make glibc return large freed blocks to the OS, so peak RSS tracks live tensors."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: large blocks are mmap'ed, unmapped on free
-        libc.malloc_trim(0)
-    except OSError:
-        pass
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median seconds of `repeats` calls after one warm-up call."""
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def time_pair(base: Callable[[], object], fsa: Callable[[], object], device: torch.device,
-              repeats: int) -> tuple[float, float]:
-    """Median seconds of baseline and FSA, calls interleaved so that load on the machine hits both."""
-    base(), fsa()
-    _sync(device)
-    tb, tf = [], []
-    for _ in range(repeats):
-        for fn, out in ((base, tb), (fsa, tf)):
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            out.append(time.perf_counter() - t0)
-    return statistics.median(tb), statistics.median(tf)
-
-
-def peak_of(fn: Callable[[], object], device: torch.device) -> float:
-    with PeakMemory(device) as mem:
-        fn()
-    return mem.peak_mib
-
-
-def random_clip(arch: str, device: torch.device, dtype: torch.dtype):
-    """An open_clip model of the real architecture with seeded random weights."""
-    import open_clip
-
-    torch.manual_seed(0)
-    model = open_clip.create_model(arch, pretrained=None)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-def naive_feedback_step(pi, a0, v, cfg: FeedbackConfig):
-    """The published formulation: N×N×K KL tensors and per-head N×N·N×N ensemble products."""
-    g = torch.log(pi + cfg.eps)
-    kl = (pi[:, :, None, :] * (g[:, :, None, :] - g[:, None, :, :])).sum(-1)
-    sim = 1.0 / (1.0 + kl.clamp(min=0.0))
-    keep = prune_top_p(sim, cfg.p) if cfg.pruning else None
-    a_new = adapted_attention(sim, keep, cfg.lam)[:, None]
-    a0_heads = a0.expand(-1, v.shape[1], -1, -1)
-    a_ens = (a_new @ a0_heads + a0_heads @ a_new + a_new) / 3.0
-    return a_ens @ v
-
-
-def efficient_feedback_step(pi, a0, v, cfg: FeedbackConfig):
-    sim = output_similarity(pi, cfg.eps)
-    keep = prune_top_p(sim, cfg.p) if cfg.pruning else None
-    a_new = adapted_attention(sim, keep, cfg.lam)
-    return ensemble_apply(a_new, a0, v, cls_token=False)
-
-
-def _fmt_s(seconds: float) -> str:
-    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+from .bench_timing import (
+    Row,
+    time_call,
+    time_pair,
+    peak_of,
+    random_clip,
+    _fmt_s,
+    format_table,
+    machine_line,
+)
 
 
 def bench_clearclip(model, device, dtype, repeats: int, k: int = 20, size: int = 448) -> Row:
@@ -183,25 +55,13 @@ def bench_proxyclip(model, device, dtype, repeats: int, k: int = 171, proxy_grid
     extra = peak_of(fsa, device) - peak_of(base, device)
     n = proxy_grid * proxy_grid
     rows = [Row(f"(b) ProxyCLIP, proxy grid {proxy_grid}×{proxy_grid} (N={n}), K={k}", _fmt_s(tb), _fmt_s(tf),
-                f"{tf / tb:.3f}", "≤ 1.25, ≤ 256 MiB", f"{extra:.0f}", "CLIP + attention, proxy features given")]
+                f"{tf / tb:.3f}", "≤ 1.20, ≤ 256 MiB", f"{extra:.0f}", "CLIP + attention, proxy features given")]
     if proxy_model:
         t_proxy = _proxy_forward_time(device, dtype, crop, repeats=1)
         rows.append(Row("(b) same, with the DINO ViT-B/8 forward", _fmt_s(tb + t_proxy), _fmt_s(tf + t_proxy),
-                        f"{(tf + t_proxy) / (tb + t_proxy):.3f}", "≤ 1.25", f"{extra:.0f}",
+                        f"{(tf + t_proxy) / (tb + t_proxy):.3f}", "≤ 1.20", f"{extra:.0f}",
                         f"proxy forward {_fmt_s(t_proxy)} (random weights)"))
 
-    # The feedback step alone, efficient vs naive, from the same Π, A₀ and values.
-    heads, d = model.visual.transformer.resblocks[-1].attn.num_heads, model.visual.transformer.width
-    pi = torch.softmax(20 * torch.randn(1, n, k, generator=g), dim=-1).to(device)
-    a0 = torch.softmax(torch.randn(1, 1, n, n, generator=g), dim=-1).to(device)
-    v = torch.randn(1, heads, n, d // heads, generator=g).to(device)
-    eff = lambda: efficient_feedback_step(pi, a0, v, cfg)  # noqa: E731
-    nai = lambda: naive_feedback_step(pi, a0, v, cfg)  # noqa: E731
-    te, tn = time_call(eff, device, repeats), time_call(nai, device, 1)
-    me, mn = peak_of(eff, device), peak_of(nai, device)
-    diff = (eff() - nai()).abs().max().item()
-    rows.append(Row(f"(b) feedback step alone, N={n}, K={k}: naive → ours", _fmt_s(tn), _fmt_s(te),
-                    f"{te / tn:.3f}", "", f"{mn:.0f} → {me:.0f}", f"max |diff| {diff:.1e}"))
     return rows
 
 
@@ -346,27 +206,6 @@ def bench_second_point(model, device, dtype, size: int = 448) -> Row:
                "≤ 150 ms", "", "no network rerun")
 
 
-def format_table(rows: list[Row]) -> str:
-    head = Row("case", "baseline", "FSA", "FSA/base", "goal", "extra peak MiB", "note")
-    cols = list(zip(*[(r.case, r.baseline, r.fsa, r.ratio, r.goal, r.extra_mib, r.note) for r in [head, *rows]]))
-    widths = [max(len(c) for c in col) for col in cols]
-    lines = []
-    for i, r in enumerate([head, *rows]):
-        cells = (r.case, r.baseline, r.fsa, r.ratio, r.goal, r.extra_mib, r.note)
-        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |")
-        if i == 0:
-            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
-
-
-def machine_line(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    return f"device: {name}; torch {torch.__version__}"
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fsa bench", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="ViT-B-16-quickgelu", help="open_clip architecture (random weights)")
@@ -382,6 +221,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--benchmarks", default=None, help="with --eval: comma-separated benchmarks (default all 8)")
     parser.add_argument("--startup", action="store_true",
                         help="instead: how fast the command line and the weight loaders fail offline (fsa.bench_startup)")
+    parser.add_argument("--sections", default="all",
+                        help="comma-separated: base (rows a-d), feedback (f, g: the feedback step, a SAM-sized "
+                             "proxy), compare (e: compare-all), scaling (h: the step over N × K); default all")
     args = parser.parse_args(argv)
     if args.startup:
         from .bench_startup import main as startup_main
@@ -399,26 +241,48 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"Proxy forwards, {'stand-ins' if args.quick else 'ViT-B'} with random weights; {machine_line(device)}")
         print(table)
         return 0
+    sections = {"base", "feedback", "compare", "scaling"} if args.sections == "all" else set(args.sections.split(","))
     if args.quick:
         from .backbones import tiny_test_clip
 
         model = tiny_test_clip().to(device=device, dtype=dtype).eval().requires_grad_(False)
+    else:
+        model = random_clip(args.arch, device, dtype)
+    rows = []
+    if "base" in sections and args.quick:
         rows = [bench_clearclip(model, device, dtype, 1, k=4, size=64)]
         rows += bench_proxyclip(model, device, dtype, 1, k=5, proxy_grid=6, crop=64, proxy_model=False)
         rows += bench_proxy_families(model, device, dtype, 1, k=5, crop=64, names=("tiny-test-mae", "tiny-test-sam"),
                                      proxy_model=False)
         rows.append(bench_second_point(model, device, dtype, size=64))
         rows += bench_switches(model, device, dtype, 1, k=4, size=64, proxy_k=5, proxy_grid=6, crop=64)
-    else:
-        model = random_clip(args.arch, device, dtype)
+    elif "base" in sections:
         rows = [bench_clearclip(model, device, dtype, args.repeats)]
         rows += bench_proxyclip(model, device, dtype, args.repeats, proxy_model=not args.no_proxy_model)
         rows += bench_proxy_families(model, device, dtype, args.repeats, proxy_model=not args.no_proxy_model)
         rows.append(bench_second_point(model, device, dtype))
         rows += bench_switches(model, device, dtype, args.repeats)
+    rows += _feedback_sections(model, device, dtype, args, sections)
     print(f"FSA benchmark, {args.arch if not args.quick else 'tiny-test'} with random weights; {machine_line(device)}")
     print(format_table(rows))
+    if "scaling" in sections:
+        from .bench_feedback import scaling_table
+
+        print("\n(h) the feedback step alone (ours vs the published formulation), time and extra peak memory:")
+        print(scaling_table(device, sides=(6, 12), ks=(3, 9), repeats=1) if args.quick else scaling_table(device))
     return 0
+
+
+def _feedback_sections(model, device, dtype, args, sections: set) -> list[Row]:
+    """Rows (e), (f), (g) of fsa.bench_feedback: the feedback step's cost and compare-all."""
+    from .bench_feedback import compare_rows, feedback_rows
+
+    rows = []
+    if "feedback" in sections:
+        rows += feedback_rows(model, device, dtype, args.repeats, quick=args.quick)
+    if "compare" in sections:
+        rows += compare_rows(model, device, dtype, min(args.repeats, 3), quick=args.quick)
+    return rows
 
 
 def _eval_throughput(args, device: torch.device, dtype: torch.dtype) -> int:

@@ -3,9 +3,16 @@
 Everything here is O(N²) memory for N patches: the KL is one matrix product (the symmetric KL
 too; Jensen–Shannon is summed over chunks of classes, N×N each), one N×N attention is shared by
 all heads, and the ensemble is applied to values, never formed as a matrix.
+
+Exact shortcuts (results equal up to floating-point rounding, the top-p mask equal on every entry):
+Ŝ, its top-p pruning (`fsa.top_p`, no full sort) and the scaling are made a block of rows at a time;
+subnormal probabilities are zeroed before Π·Gᵀ (`_without_subnormals`); ProxyCLIP's values are an
+upsampling of CLIP's, so its ensemble runs on CLIP's grid through the upsampling's adjoint
+(`ensemble_apply_upsampled`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -13,6 +20,8 @@ from torch import Tensor
 
 from .attention import apply_attention, apply_shared
 from .config import SIMILARITIES, FeedbackConfig
+from .sliding import linear_resize_matrix
+from .top_p import prune_top_p, prune_top_p_sorted  # noqa: F401  (prune_top_p_sorted: the reference)
 from .vision import compute_dtype
 
 
@@ -31,20 +40,62 @@ def class_distribution(z_cos: Tensor, u_cos: Optional[Tensor], cfg: FeedbackConf
     return logits.softmax(dim=-1)
 
 
+def _without_subnormals(pi: Tensor) -> Tensor:
+    """Π with its subnormal entries (below the dtype's smallest normal number, ~1.2e-38 in float32) set to 0.
+
+    Confident class distributions have many (softmax of logits 90 apart); a product with one runs the
+    CPU's slow subnormal path, which made Π·Gᵀ ten times slower. Their terms Π_ik·G_jk (|G| ≤ 24 for
+    ε = 1e-10) are below 3e-37: under half an ulp of every partial sum of a KL or of h_i that is not
+    itself of that size, so the sums do not move; where h_i and (Π Gᵀ)_ij are both that small, the
+    KL is ~1e-37 either way and Ŝ = 1/(1 + KL) rounds to 1 both ways.
+    """
+    tiny = torch.finfo(pi.dtype).tiny
+    small = pi < tiny
+    return pi.masked_fill(small, 0.0) if bool(small.any()) else pi
+
+
+#: Rows of KL / Ŝ / A_new made at a time (2 MiB of float32 per temporary): the passes over a block of rows
+#: (the product's epilogue, top-p, the scaling) stay in cache, and the full N×N is written once.
+ROW_BLOCK_ELEMENTS = 1 << 19
+
+
+def _kl_terms(pi: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(Π, G, h) of `kl_divergence`: Π in the compute dtype without subnormals, G = log(Π + ε), h = Σ_k Π G."""
+    pi = pi.to(compute_dtype(pi.dtype))
+    g = torch.log(pi + eps)
+    pi = _without_subnormals(pi)
+    return pi, g, (pi * g).sum(dim=-1, keepdim=True)  # h: (B, N, 1)
+
+
+def _kl_rows(terms: tuple[Tensor, Tensor, Tensor], b: int, r0: int, r1: int) -> Tensor:
+    """Rows r0..r1 of image b's KL matrix: (r1 − r0, N), clamped ≥ 0, diagonal 0."""
+    pi, g, h = terms
+    kl = torch.addmm(h[b, r0:r1], pi[b, r0:r1], g[b].T, beta=1.0, alpha=-1.0)
+    kl.diagonal(offset=r0).zero_()
+    return kl.clamp_(min=0.0)
+
+
+def _row_blocks(n: int):
+    step = max(1, ROW_BLOCK_ELEMENTS // max(1, n))
+    return [(r0, min(n, r0 + step)) for r0 in range(0, n, step)]
+
+
 def kl_divergence(pi: Tensor, eps: float = 1e-10) -> Tensor:
     """KL_ij = Σ_k Π_ik (G_ik − G_jk) with G = log(Π + ε), clamped ≥ 0, diagonal exactly 0.
 
     pi: (B, N, K) → (B, N, N), float32 or wider. ε enters only the logarithms (the weights are Π
     itself), as in the published code. Exact form: KL_ij = h_i − (Π Gᵀ)_ij with
-    h_i = Σ_k Π_ik G_ik, one (N×K)·(K×N) product instead of an N×N×K tensor. The diagonal is 0 in
-    exact arithmetic and set so (rounding would otherwise leave Ŝ_ii a hair below 1).
+    h_i = Σ_k Π_ik G_ik, one (N×K)·(K×N) product instead of an N×N×K tensor (made a block of rows at a
+    time, as `feedback_attention` makes it). The diagonal is 0 in exact arithmetic and set so (rounding
+    would otherwise leave Ŝ_ii a hair below 1).
     """
-    pi = pi.to(compute_dtype(pi.dtype))
-    g = torch.log(pi + eps)
-    h = (pi * g).sum(dim=-1, keepdim=True)  # (B, N, 1)
-    kl = torch.baddbmm(h, pi, g.transpose(1, 2), beta=1.0, alpha=-1.0)
-    kl.diagonal(dim1=-2, dim2=-1).zero_()
-    return kl.clamp_(min=0.0)
+    terms = _kl_terms(pi, eps)
+    b_count, n = pi.shape[:2]
+    out = terms[0].new_empty(b_count, n, n)
+    for b in range(b_count):
+        for r0, r1 in _row_blocks(n):
+            out[b, r0:r1] = _kl_rows(terms, b, r0, r1)
+    return out
 
 
 def symmetric_kl_divergence(pi: Tensor, eps: float = 1e-10) -> Tensor:
@@ -112,29 +163,23 @@ def output_similarity(pi: Tensor, eps: float = 1e-10, kind: str = "kl") -> Tenso
     return d.add_(1.0).reciprocal_()
 
 
-def prune_top_p(sim: Tensor, p: float) -> Tensor:
-    """Kept mask of the confidence-based pruning (step 4).
-
-    sim: (B, N, N) → bool (B, N, N). Each row is sorted descending; w = softmax(sorted); entries
-    are kept while cumsum(w) ≤ p, the first always.
-    """
-    values, order = torch.sort(sim, dim=-1, descending=True, stable=True)
-    # A cumulative probability is at most 1; rounding can push it a hair above, which would prune
-    # entries at p = 1.
-    keep_sorted = values.softmax(dim=-1).cumsum_(dim=-1).clamp_(max=1.0) <= p
-    keep_sorted[..., 0] = True
-    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
-
-
 def adapted_attention(sim: Tensor, keep: Optional[Tensor], lam: float) -> Tensor:
     """A_new = softmax_row(Ŝ·exp(λŜ)) over the kept entries, −inf elsewhere (step 5).
 
     sim: (B, N, N); keep: bool (B, N, N) or None (no pruning) → (B, N, N).
     """
-    logits = sim * torch.exp(lam * sim)
-    if keep is not None:
-        logits = logits.masked_fill(~keep, float("-inf"))
-    return logits.softmax(dim=-1)
+    return _scaled_softmax(sim, None if keep is None else ~keep, lam)
+
+
+def _scaled_softmax(sim: Tensor, pruned: Optional[Tensor], lam: float, out: Optional[Tensor] = None) -> Tensor:
+    """softmax_row(Ŝ·exp(λŜ)), −inf where pruned; the same arithmetic as `adapted_attention`, in one buffer
+    (and written into out, of sim's shape, when given)."""
+    logits = torch.exp(lam * sim).mul_(sim)  # Ŝ·exp(λŜ): the product commutes, bit for bit
+    if pruned is not None:
+        logits.masked_fill_(pruned, float("-inf"))
+    if out is None:
+        return logits.softmax(dim=-1)
+    return torch.ops.aten._softmax.out(logits, -1, False, out=out)  # softmax's own kernel, no copy
 
 
 def apply_new(a_new: Tensor, v: Tensor, *, cls_token: bool) -> Tensor:
@@ -170,14 +215,78 @@ def ensemble_apply(
     return (apply_new(a_new, a0_v, cls_token=cls_token) + apply_attention(a0, new_v) + new_v) / 3.0
 
 
+@dataclass(frozen=True)
+class UpsampledValues:
+    """Values that are a bilinear upsampling v = R·v_c of values on a coarser grid (ProxyCLIP's: CLIP's
+    values resized to the proxy grid, `fsa.attention.resize_patch_values`).
+
+    coarse: (B, H, gh·gw, d); coarse_grid: (gh, gw); grid: (I, J) of v. R = R_y ⊗ R_x, each the 1-D
+    linear resize (align_corners=False), so F.interpolate(x) = R_y·x·R_xᵀ.
+    """
+
+    coarse: Tensor
+    coarse_grid: tuple[int, int]
+    grid: tuple[int, int]
+
+
+def upsampling_adjoint(a: Tensor, coarse_grid: tuple[int, int], grid: tuple[int, int]) -> Tensor:
+    """A·R for A (B, M, I·J) and R the bilinear upsampling from coarse_grid (gh, gw) to grid (I, J).
+
+    Row m of A·R is R_yᵀ·A_m·R_x with A_m the row as an I×J map: a batch of (gh×I)·(I×J) products, then one
+    (B·M·gh, J)·(J, gw), instead of an (I·J × gh·gw) matrix. → (B, M, gh·gw).
+    """
+    b, m, _ = a.shape
+    (gh, gw), (i, j) = coarse_grid, grid
+    rx = linear_resize_matrix(gw, j, a.dtype, a.device)  # (J, gw)
+    ry = linear_resize_matrix(gh, i, a.dtype, a.device)  # (I, gh)
+    t = torch.matmul(ry.T, a.reshape(b * m, i, j))  # (B·M, gh, J): R_yᵀ·A_m for every row m
+    return (t.reshape(b * m * gh, j) @ rx).view(b, m, gh * gw)
+
+
+def ensemble_apply_upsampled(a_new: Tensor, a0: Optional[Tensor], values: UpsampledValues) -> Tensor:
+    """`ensemble_apply` for upsampled values and one attention shared by all heads, no CLS (ProxyCLIP).
+
+    A_ens v = ((A_new·(A₀R) + A₀·(A_new R) + A_new R)·v_c) / 3: A₀R and A_new R are the adjoint of the
+    upsampling applied to each row (`upsampling_adjoint`), so the two N×N products run over the gh·gw
+    coarse cells instead of H·d channels. The same sum as `ensemble_apply` in exact arithmetic.
+    a_new: (B, N, N); a0: (B, 1, N, N) or None (identity) → (B, H, N, d).
+    """
+    a_new_r = upsampling_adjoint(a_new, values.coarse_grid, values.grid)
+    if a0 is None:
+        return _apply_coarse(a_new_r, values.coarse)
+    a0 = a0[:, 0]
+    mixed = torch.baddbmm(a_new_r, a_new, upsampling_adjoint(a0, values.coarse_grid, values.grid))
+    mixed.baddbmm_(a0, a_new_r)
+    return _apply_coarse(mixed.div_(3.0), values.coarse)
+
+
+def _apply_coarse(a: Tensor, v: Tensor) -> Tensor:
+    """(B, N, C) applied to every head of v (B, H, C, d) as one GEMM → (B, H, N, d)."""
+    b, h, c, d = v.shape
+    folded = v.to(a.dtype).permute(0, 2, 1, 3).reshape(b, c, h * d)
+    return torch.bmm(a, folded).view(b, a.shape[1], h, d).permute(0, 2, 1, 3)
+
+
 def feedback_attention(pi: Tensor, cfg: FeedbackConfig) -> Tensor:
     """A_new from Π (steps 3-5): Ŝ of cfg.similarity, top-p pruning when on, then the scaling.
 
     pi: (B, N, K) → (B, N, N); the N×N similarity and mask are freed before returning.
     """
-    sim = output_similarity(pi, cfg.eps, cfg.similarity)
-    keep = prune_top_p(sim, cfg.p) if cfg.pruning else None
-    return adapted_attention(sim, keep, cfg.lam)
+    if cfg.similarity != "kl":
+        sim = output_similarity(pi, cfg.eps, cfg.similarity)
+        pruned = prune_top_p(sim, cfg.p).logical_not_() if cfg.pruning else None
+        return _scaled_softmax(sim, pruned, cfg.lam)
+    # Ŝ_ij = 1/(1 + KL_ij), the pruning and the scaling only need row i: a block of rows at a time, the
+    # same arithmetic (and the same Ŝ as `output_similarity`) as on the whole matrix
+    terms = _kl_terms(pi, cfg.eps)
+    b_count, n = pi.shape[:2]
+    out = terms[0].new_empty(b_count, n, n)
+    for b in range(b_count):
+        for r0, r1 in _row_blocks(n):
+            sim = _kl_rows(terms, b, r0, r1).add_(1.0).reciprocal_()
+            pruned = prune_top_p(sim, cfg.p).logical_not_() if cfg.pruning else None
+            _scaled_softmax(sim, pruned, cfg.lam, out=out[b, r0:r1])
+    return out
 
 
 def adapt_values(
@@ -188,8 +297,17 @@ def adapt_values(
     *,
     cls_token: bool,
     a0_v: Optional[Tensor] = None,
+    upsampled: Optional[UpsampledValues] = None,
 ) -> Tensor:
-    """A_ens v (step 6) with cfg.ensemble on, else A_new v: shapes as in `ensemble_apply`."""
+    """A_ens v (step 6) with cfg.ensemble on, else A_new v: shapes as in `ensemble_apply`.
+
+    upsampled: v as an upsampling of coarser values (ProxyCLIP), with a0 shared by all heads (or None)
+    and no CLS token: then the products run on the coarse values (`ensemble_apply_upsampled`).
+    """
+    if upsampled is not None and not cls_token and (a0 is None or a0.shape[1] == 1):
+        v_c = upsampled.coarse.to(a_new.dtype)
+        up = UpsampledValues(v_c, upsampled.coarse_grid, upsampled.grid)
+        return ensemble_apply_upsampled(a_new, a0 if cfg.ensemble else None, up)
     if cfg.ensemble:
         return ensemble_apply(a_new, a0, v, cls_token=cls_token, a0_v=a0_v)
     return apply_new(a_new, v, cls_token=cls_token)

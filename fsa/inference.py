@@ -12,12 +12,14 @@
       [probability threshold → background].
 
 Baseline and baseline + FSA come from the same forward pass of each window; so do several FSA
-settings at once (an ablation sweep: `window_cosines(..., feedbacks={key: setting})`).
+settings at once (an ablation sweep: `window_cosines(..., feedbacks={key: setting})`), and several
+methods whose windows lie in the same places (compare-all: `window_passes` with one `WindowJob` per
+method runs blocks 1..L-1 once per window batch for all of them, `fsa.trunk`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -27,7 +29,7 @@ from torch import Tensor, nn
 from .config import PAD_TO_PATCH, FeedbackConfig, MethodOptions
 from .checks import check_finite
 from .images import pixel_stats_255
-from .logits import FeedbackDetails, compute_patch_logits, compute_sweep_logits
+from .logits import FeedbackDetails, MethodRun, compute_methods_logits
 from .sliding import LogitCanvas, Window, resized_row_bands, window_layout
 from .vocabulary import Vocabulary, aggregate_synonyms
 
@@ -90,6 +92,122 @@ class WindowCosines:
     details: list[FeedbackDetails] = field(default_factory=list)  #: per window, when kept
 
 
+@dataclass(frozen=True)
+class WindowJob:
+    """One method of `window_passes`: its FSA settings by key (each its own maps entry next to "baseline"),
+    options, and whether to keep `FeedbackDetails` per window (one setting at most)."""
+
+    method: str
+    feedbacks: Mapping[str, FeedbackConfig] = field(default_factory=dict)
+    options: MethodOptions = field(default_factory=MethodOptions)
+    keep_details: bool = False
+
+    def __post_init__(self) -> None:
+        if "baseline" in self.feedbacks:
+            raise ValueError('"baseline" is the key of the baseline\'s maps; name the FSA settings otherwise')
+        if self.keep_details and len(self.feedbacks) > 1:
+            raise ValueError(f"keep_details needs one FSA setting, got {len(self.feedbacks)}; explain one setting "
+                             "at a time")
+
+
+@dataclass(frozen=True)
+class WindowGeometry:
+    """Where the windows of one working image lie and how they are padded (what `window_passes` shares)."""
+
+    windows: tuple[Window, ...]
+    pad: Padding
+    direct: bool  #: one unpadded window over the whole image: its patch grid is the map itself
+    crop: int = 0  #: the sliding-window crop (0: one window); MAE squashes each window to crop × crop
+
+
+def window_geometry(height: int, width: int, *, crop: int, stride: int, pad_multiple: int,
+                    with_proxy: bool) -> WindowGeometry:
+    """The windows of an (height × width) working image (see the module docstring). The published
+    whole-image path runs the image unpadded; a proxy still needs whole proxy patches (with_proxy)."""
+    whole = crop <= 0
+    windows = window_layout(height, width, crop, stride)
+    multiple = pad_multiple if (not whole or with_proxy) else 0
+    pad = centred_padding(windows[0].height, windows[0].width, multiple)
+    return WindowGeometry(tuple(windows), pad, whole and pad == NO_PADDING, max(int(crop), 0))
+
+
+@dataclass
+class WindowMaps:
+    """Patch cosines of every window of one working image, per maps key, before they are averaged."""
+
+    maps: dict[str, list[Tensor]]  #: key → one (Q, h, w) grid map per window
+    geometry: WindowGeometry
+    size: tuple[int, int]  #: (H', W') of the working image
+    grid: tuple[int, int]
+    clip_grid: tuple[int, int]
+    details: list[FeedbackDetails] = field(default_factory=list)
+
+    def cosines(self) -> WindowCosines:
+        """The mean cosines: each key's windows added on a canvas in window order, then divided by the count."""
+        geo = self.geometry
+        maps: dict[str, Tensor] = {}
+        for key, grids in self.maps.items():
+            if geo.direct:
+                maps[key] = grids[0].float()
+                continue
+            canvas = LogitCanvas(grids[0].shape[0], *self.size, device=grids[0].device)
+            for win, grid_map in zip(geo.windows, grids):
+                canvas.add(win, grid_map, padding=geo.pad)
+            maps[key] = canvas.take_mean()
+        return WindowCosines(maps, list(geo.windows), [geo.pad] * len(geo.windows), self.grid, self.clip_grid,
+                             self.details)
+
+
+@torch.no_grad()
+def window_passes(
+    model: nn.Module,
+    pixels: Tensor,
+    text: Tensor,
+    jobs: Sequence[WindowJob],
+    geometry: WindowGeometry,
+    *,
+    proxy=None,
+    window_batch: int = 4,
+    progress: Optional[Progress] = None,
+    progress_span: tuple[float, float] = (0.0, 1.0),
+) -> list[WindowMaps]:
+    """Every job's window cosines on one working image, each batch of windows through one shared trunk
+    (`fsa.logits.compute_methods_logits`): job i's maps equal, bit for bit, those of the job run alone.
+
+    pixels: (1, 3, H', W') CLIP-normalised in the model's dtype; text: (Q, E) L2-normalised; proxy: a
+    `fsa.proxies.ProxyModel`, its features given to the proxyclip jobs. `progress(fraction, message)` is called
+    before each batch of windows, with fractions inside `progress_span`.
+    """
+    windows, pad = list(geometry.windows), geometry.pad
+    outs = [WindowMaps({key: [] for key in ("baseline", *job.feedbacks)}, geometry, tuple(pixels.shape[-2:]),
+                       (0, 0), (0, 0)) for job in jobs]
+    lo, hi = progress_span
+    for start in range(0, len(windows), window_batch):
+        chunk = windows[start:start + window_batch]
+        if progress is not None:  # e.g. "windows 1-4 of 6", "proxy sam-b16 window 3 of 6": which model runs
+            which = f"window {start + 1}" if len(chunk) == 1 else f"windows {start + 1}-{start + len(chunk)}"
+            runs_proxy = proxy is not None and any(job.method == "proxyclip" for job in jobs)
+            progress(lo + (hi - lo) * start / len(windows),
+                     (f"proxy {proxy.name} " if runs_proxy else "") + f"{which} of {len(windows)}")
+        crops = torch.cat([pixels[:, :, w.y0:w.y1, w.x0:w.x1] for w in chunk])
+        if pad != NO_PADDING:
+            crops = F.pad(crops, pad)  # zeros in CLIP-normalised space, as the published code
+        proxy_feats = None
+        if proxy is not None and any(job.method == "proxyclip" for job in jobs):
+            # MAE squashes each window to crop × crop (the published slide_crop); the others ignore it
+            proxy_feats = proxy.features_from_clip_pixels(crops, crop=geometry.crop or None)
+        runs = [MethodRun(job.method, tuple(job.feedbacks.values()), job.options,
+                          proxy_feats if job.method == "proxyclip" else None, job.keep_details) for job in jobs]
+        clip_grid = (crops.shape[-2] // _patch_size(model), crops.shape[-1] // _patch_size(model))
+        for job, out, got in zip(jobs, outs, compute_methods_logits(model, crops, text, runs)):
+            out.grid, out.clip_grid = got.grid, clip_grid
+            for key, grid_maps in zip(out.maps, (got.baseline, *got.fsa)):
+                out.maps[key].extend(grid_maps[i] for i in range(len(chunk)))
+            if got.details:
+                out.details.extend(got.details[0].select(i) for i in range(len(chunk)))
+    return outs
+
+
 @torch.no_grad()
 def window_cosines(
     model: nn.Module,
@@ -117,55 +235,11 @@ def window_cosines(
     both; `keep_details` needs at most one setting. `progress(fraction, message)` is called before
     each batch of windows, with fractions inside `progress_span`.
     """
-    _, _, height, width = pixels.shape
-    whole = crop <= 0
-    windows = window_layout(height, width, crop, stride)
-    # The published whole-image path runs the image unpadded; a proxy still needs whole proxy patches.
-    multiple = pad_multiple if (not whole or proxy is not None) else 0
-    pad = centred_padding(windows[0].height, windows[0].width, multiple)
-    direct = whole and pad == NO_PADDING
-    settings = _feedback_settings(feedback, feedbacks)
-    if keep_details and len(settings) > 1:
-        raise ValueError(f"keep_details needs one FSA setting, got {len(settings)}; explain one setting at a time")
-    keys = ["baseline", *settings]
-    canvases = {} if direct else {k: LogitCanvas(text.shape[0], height, width, device=pixels.device) for k in keys}
-    maps: dict[str, Tensor] = {}
-    details: list[FeedbackDetails] = []
-    grid = clip_grid = (0, 0)
-    lo, hi = progress_span
-    for start in range(0, len(windows), window_batch):
-        chunk = windows[start:start + window_batch]
-        if progress is not None:  # e.g. "windows 1-4 of 6", "proxy sam-b16 window 3 of 6": which model runs
-            which = (f"window {start + 1}" if len(chunk) == 1 else f"windows {start + 1}-{start + len(chunk)}")
-            progress(lo + (hi - lo) * start / len(windows),
-                     ("" if proxy is None else f"proxy {proxy.name} ") + f"{which} of {len(windows)}")
-        crops = torch.cat([pixels[:, :, w.y0:w.y1, w.x0:w.x1] for w in chunk])
-        if pad != NO_PADDING:
-            crops = F.pad(crops, pad)  # zeros in CLIP-normalised space, as the published code
-        # crop: MAE squashes each window to crop × crop (the published slide_crop); the others ignore it
-        proxy_feats = None if proxy is None else proxy.features_from_clip_pixels(crops, crop=max(crop, 0) or None)
-        if len(settings) <= 1:
-            out = compute_patch_logits(model, crops, text, method, feedback=next(iter(settings.values()), None),
-                                       proxy_features=proxy_feats, options=options, keep_details=keep_details)
-            per_key = dict(zip(keys, (out.baseline, out.fsa)))
-            window_details, grid = out.details, out.grid
-        else:
-            sweep = compute_sweep_logits(model, crops, text, method, list(settings.values()),
-                                         proxy_features=proxy_feats, options=options)
-            per_key = dict(zip(keys, (sweep.baseline, *sweep.fsa)))
-            window_details, grid = None, sweep.grid
-        clip_grid = (crops.shape[-2] // _patch_size(model), crops.shape[-1] // _patch_size(model))
-        for i, win in enumerate(chunk):
-            for key, grid_maps in per_key.items():
-                if direct:
-                    maps[key] = grid_maps[i].float()
-                else:
-                    canvases[key].add(win, grid_maps[i], padding=pad)
-            if window_details is not None:
-                details.append(window_details.select(i))
-    for key, canvas in canvases.items():
-        maps[key] = canvas.take_mean()
-    return WindowCosines(maps, windows, [pad] * len(windows), grid, clip_grid, details)
+    job = WindowJob(method, _feedback_settings(feedback, feedbacks), options, keep_details)
+    geometry = window_geometry(pixels.shape[-2], pixels.shape[-1], crop=crop, stride=stride,
+                               pad_multiple=pad_multiple, with_proxy=proxy is not None)
+    return window_passes(model, pixels, text, [job], geometry, proxy=proxy, window_batch=window_batch,
+                         progress=progress, progress_span=progress_span)[0].cosines()
 
 
 def _feedback_settings(feedback: Optional[FeedbackConfig],

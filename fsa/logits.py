@@ -24,7 +24,10 @@ paper leaves open, each a switch whose default is the paper:
   grid while earlier blocks attend on the CLIP grid, and no resampling rule comes from the paper.
 
 An ablation sweep (`compute_sweep_logits`) shares the network work across several settings: the
-encoder and the baseline run once, each setting then runs only its own feedback passes.
+encoder and the baseline run once, each setting then runs only its own feedback passes. Several
+methods on the same pixels (`compute_methods_logits`, compare-all) share blocks 1..L-1 too
+(`fsa.trunk.run_trunks`: once per distinct weights) and the last block's q, k, v where their trunk
+tokens are the same; each method's results stay bit for bit those it gets alone.
 """
 from __future__ import annotations
 
@@ -36,7 +39,8 @@ from torch import Tensor, nn
 
 from .attention import BaseAttention, baseline_attention
 from .config import METHOD_DEFAULTS, FeedbackConfig, MethodOptions, check_method
-from .feedback import adapt_values, class_distribution, feedback_attention
+from .feedback import UpsampledValues, adapt_values, class_distribution, feedback_attention
+from .trunk import TowerPlan, Trunk, TrunkNeed, run_trunks, suppressed_c_proj, tower_plan  # noqa: F401
 from .vision import (block_qkv, compute_dtype, embed_tokens, finish_block, finish_last_block, project_tokens,
                      run_blocks, softmax_attention)
 
@@ -116,19 +120,6 @@ class PatchLogits:
     details: Optional[FeedbackDetails] = None
 
 
-def suppressed_c_proj(weight: Tensor) -> Tensor:
-    """GCLIP channel suppression: the row of largest L2 norm rescaled to the others' mean norm.
-
-    weight: (D, D_mlp) → a new tensor; the input is never modified.
-    """
-    norms = weight.norm(dim=1)
-    top = int(norms.argmax())
-    others = torch.cat([norms[:top], norms[top + 1:]])
-    out = weight.clone()
-    out[top] = out[top] * (others.mean() / norms[top])
-    return out
-
-
 def resolve_feedback_blocks(feedback: FeedbackConfig, depth: int, method: str) -> tuple[int, ...]:
     """The 1-based blocks FSA adapts, checked against the tower's depth and the method.
 
@@ -142,36 +133,6 @@ def resolve_feedback_blocks(feedback: FeedbackConfig, depth: int, method: str) -
         raise ValueError("proxyclip: FeedbackConfig.blocks can only be the last block (None or "
                          f"({depth},)): its attention and Π are on the proxy grid, earlier blocks on the CLIP grid")
     return tuple(blocks)
-
-
-@dataclass
-class _TowerPlan:
-    """How blocks 1..L-1 run for a method: GCLIP's replaced weights and captured maps (0-based)."""
-
-    overrides: dict[int, dict[str, Tensor]]
-    capture: list[int]
-
-
-def _tower_plan(blocks: list[nn.Module], method: str, options: MethodOptions) -> _TowerPlan:
-    if method != "gclip":
-        return _TowerPlan({}, [])
-    cfg = options.gclip
-    depth = len(blocks)
-    overrides = {}
-    if cfg.channel_suppression:
-        for b in cfg.resolved_suppression_blocks(depth):
-            if b < depth:  # the last block has no FFN in GCLIP
-                overrides[b - 1] = {"mlp.c_proj.weight": suppressed_c_proj(blocks[b - 1].mlp.c_proj.weight)}
-    capture = [b - 1 for b in cfg.resolved_fusion_blocks(depth)] if cfg.attention_fusion else []
-    return _TowerPlan(overrides, capture)
-
-
-def _run_range(blocks: list[nn.Module], x: Tensor, lo: int, hi: int, plan: _TowerPlan):
-    """Blocks lo..hi-1 (0-based) unchanged but for the plan → tokens, {0-based block: captured map}."""
-    overrides = {i - lo: w for i, w in plan.overrides.items() if lo <= i < hi}
-    capture = [i - lo for i in plan.capture if lo <= i < hi]
-    x, maps = run_blocks(blocks[lo:hi], x, weight_overrides=overrides, capture=capture)
-    return x, {i + lo: m for i, m in maps.items()}
 
 
 def _patch_cosines(visual: nn.Module, tokens: Tensor, text: Tensor, cls_token: bool) -> Tensor:
@@ -200,7 +161,7 @@ def _rerun_pass(
     visual: nn.Module,
     x_start: Tensor,
     start: int,
-    plan: _TowerPlan,
+    plan: TowerPlan,
     baseline_maps: dict[int, Tensor],
     a_new: Tensor,
     adapted: tuple[int, ...],
@@ -270,6 +231,49 @@ class _Forward:
     details: list[FeedbackDetails]  #: one per setting when kept, else empty
 
 
+@dataclass(frozen=True)
+class MethodRun:
+    """One method of `compute_methods_logits`: its FSA settings (none: the baseline alone), options and
+    proxy features (B, C, I, J) for proxyclip; keep_details keeps `FeedbackDetails` per setting."""
+
+    method: str
+    feedbacks: tuple[FeedbackConfig, ...] = ()
+    options: Optional[MethodOptions] = None
+    proxy_features: Optional[Tensor] = None
+    keep_details: bool = False
+
+
+@dataclass
+class _Prepared:
+    method: str
+    options: MethodOptions
+    adapted_per: list[tuple[int, ...]]  #: 1-based adapted blocks per setting
+    starts: list[int]  #: 0-based first block each setting re-runs; depth - 1: the last block alone
+    plan: TowerPlan
+
+
+def _prepare(blocks: list[nn.Module], run: MethodRun) -> _Prepared:
+    method = check_method(run.method)
+    options = run.options or MethodOptions()
+    depth = len(blocks)
+    adapted_per = [resolve_feedback_blocks(fb, depth, method) for fb in run.feedbacks]
+    return _Prepared(method, options, adapted_per, [adapted[0] - 1 for adapted in adapted_per],
+                     tower_plan(blocks, method, options))
+
+
+def _forward_many(model: nn.Module, pixels: Tensor, text_features: Tensor, runs: Sequence[MethodRun]) -> list[_Forward]:
+    """Every run's `_forward` on the same pixels, the trunk shared (`fsa.trunk.run_trunks`): each result
+    is bit for bit the one its run gets alone. All runs are checked before any work."""
+    blocks = list(model.visual.transformer.resblocks)
+    depth = len(blocks)
+    prepared = [_prepare(blocks, run) for run in runs]
+    needs = [TrunkNeed(p.plan, frozenset(s for s in p.starts if s < depth - 1)) for p in prepared]
+    x, clip_grid = embed_tokens(model.visual, pixels)
+    trunks = run_trunks(model.visual, x, clip_grid, needs)
+    shared: dict = {}  # the last block's q, k, v and the uniform branch, per trunk tokens: the same for such methods
+    return [_head(model, trunk, text_features, prep, run, shared) for trunk, prep, run in zip(trunks, prepared, runs)]
+
+
 def _forward(
     model: nn.Module,
     pixels: Tensor,
@@ -283,46 +287,52 @@ def _forward(
 ) -> _Forward:
     """The encoder and the baseline once, then each setting's feedback passes (module docstring).
 
-    Blocks 1..L-1 run in ranges cut at every distinct first re-run block of the settings, keeping
-    the tokens entering it; running a block range in pieces is the same arithmetic as at once, so
-    every setting's output is the one it gets alone. All settings are checked before any work.
+    The trunk keeps the tokens entering every distinct first re-run block of the settings; running the
+    blocks one at a time is the same arithmetic as at once, so every setting's output is the one it gets
+    alone. All settings are checked before any work.
     """
-    method = check_method(method)
-    options = options or MethodOptions()
+    run = MethodRun(method, tuple(feedbacks), options, proxy_features, keep_details)
+    return _forward_many(model, pixels, text_features, [run])[0]
+
+
+def _head(model: nn.Module, trunk: Trunk, text_features: Tensor, prep: _Prepared, run: MethodRun,
+          shared: dict) -> _Forward:
+    """The last block of a method on its trunk: the baseline, then each FSA setting's passes.
+
+    shared: what methods on the same trunk tokens compute alike (q, k, v of the last block; the cosines under
+    uniform attention for the same values and residual/FFN rule), kept by the first and reused: the same
+    operations on the same tensors, so each method's results are those it gets alone."""
+    method, options, plan = prep.method, prep.options, prep.plan
+    feedbacks, proxy_features, keep_details = run.feedbacks, run.proxy_features, run.keep_details
+    adapted_per, starts = prep.adapted_per, prep.starts
     visual = model.visual
     rule = METHOD_DEFAULTS[method]
     blocks = list(visual.transformer.resblocks)
     depth = len(blocks)
-    adapted_per = [resolve_feedback_blocks(fb, depth, method) for fb in feedbacks]
-    # 0-based first block each setting re-runs; depth - 1: the last block alone (no re-run)
-    starts = [adapted[0] - 1 for adapted in adapted_per]
-    plan = _tower_plan(blocks, method, options)
-
-    x, clip_grid = embed_tokens(visual, pixels)
-    entering: dict[int, Tensor] = {}  # 0-based block → the baseline's tokens entering it
-    maps: dict[int, Tensor] = {}
-    lo = 0
-    for cut in sorted({s for s in starts if s < depth - 1}):
-        x, part = _run_range(blocks, x, lo, cut, plan)
-        maps.update(part)
-        entering[cut] = x
-        lo = cut
-    x, part = _run_range(blocks, x, lo, depth - 1, plan)
-    maps.update(part)
+    x, clip_grid, entering, maps = trunk.x, trunk.clip_grid, trunk.entering, trunk.maps
     fused = [maps[i] for i in plan.capture]
     last = blocks[-1]
-    q, k, v = block_qkv(last, x)
+    key = id(x)
+    if ("qkv", key) not in shared:
+        shared[("qkv", key)] = (x, block_qkv(last, x))  # x kept so that its id is not reused
+    q, k, v = shared[("qkv", key)][1]
     base = baseline_attention(method, q, k, v, clip_grid, proxy_features=proxy_features, fused_maps=fused,
                               options=options)
     a0_v = base.apply(base.values)
+    upsampled = _upsampled_values(method, v, clip_grid, base.grid)
     out = finish_last_block(last, x, a0_v, residual=rule.residual, ffn=rule.ffn)
     cos = _patch_cosines(visual, out, text_features, base.cls_token)  # (B, N, K)
     result = _Forward(cos, [], base.grid, [])
     if not feedbacks:
         return result
 
-    u_cos = (_uniform_cosines(visual, last, x, base, text_features, rule.residual, rule.ffn)
-             if any(fb.isolation for fb in feedbacks) else None)  # the same for every setting and pass
+    u_cos = None  # the same for every setting and pass
+    if any(fb.isolation for fb in feedbacks):
+        u_key = ("uniform", key, id(base.values), base.cls_token, rule.residual, rule.ffn)
+        if u_key not in shared:
+            shared[u_key] = (base.values, _uniform_cosines(visual, last, x, base, text_features, rule.residual,
+                                                           rule.ffn))
+        u_cos = shared[u_key][1]
     for feedback, adapted, start in zip(feedbacks, adapted_per, starts):
         steps: list[FeedbackStep] = []
         fsa_cos = cos
@@ -332,7 +342,7 @@ def _forward(
             a_new = feedback_attention(pi, feedback)
             if start >= depth - 1:  # the last block alone, always with the baseline's A₀
                 mixed = adapt_values(a_new, base.weights, base.values, feedback, cls_token=base.cls_token,
-                                     a0_v=a0_v)
+                                     a0_v=a0_v, upsampled=upsampled)
                 fsa_out, block_qk = finish_last_block(last, x, mixed, residual=rule.residual, ffn=rule.ffn), {}
                 del mixed
             else:
@@ -349,6 +359,15 @@ def _forward(
                 list(fused), steps, depth, tuple(i + 1 for i in plan.capture),
                 u_cos if feedback.isolation else None))
     return result
+
+
+def _upsampled_values(method: str, v: Tensor, clip_grid: tuple[int, int],
+                      grid: tuple[int, int]) -> Optional[UpsampledValues]:
+    """ProxyCLIP's values are CLIP's (v: (B, H, 1 + gh·gw, d), CLS first) resized to the proxy grid: the
+    ensemble can then work on the CLIP grid (fsa.feedback.ensemble_apply_upsampled). None otherwise."""
+    if method != "proxyclip" or tuple(clip_grid) == tuple(grid):
+        return None
+    return UpsampledValues(v[:, :, 1:], tuple(clip_grid), tuple(grid))
 
 
 def _to_grid(cos: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -408,6 +427,30 @@ def compute_sweep_logits(
     out = _forward(model, pixels, text_features, method, list(feedbacks), proxy_features=proxy_features,
                    options=options, keep_details=False)
     return SweepLogits(_to_grid(out.baseline, out.grid), [_to_grid(c, out.grid) for c in out.fsa], out.grid)
+
+
+@dataclass
+class MethodLogits:
+    """Cosines (B, K, h, w) of one method's baseline and of each of its FSA settings (`compute_methods_logits`)."""
+
+    baseline: Tensor
+    fsa: list[Tensor]  #: one per FeedbackConfig of the run, in its order
+    grid: tuple[int, int]
+    details: list[FeedbackDetails]  #: one per setting when the run keeps them, else empty
+
+
+@torch.no_grad()
+def compute_methods_logits(model: nn.Module, pixels: Tensor, text_features: Tensor,
+                           runs: Sequence[MethodRun]) -> list[MethodLogits]:
+    """Several methods (each with any FSA settings) on the same pixels, the trunk shared: blocks 1..L-1 run
+    once per distinct weights (all methods but GCLIP share them; GCLIP from its first suppressed block).
+
+    Each result equals, bit for bit, `compute_sweep_logits` (or `compute_patch_logits`) of its run alone.
+    pixels: (B, 3, H, W) normalised in the model's dtype; text_features: (K, E) L2-normalised.
+    """
+    outs = _forward_many(model, pixels, text_features, runs)
+    return [MethodLogits(_to_grid(o.baseline, o.grid), [_to_grid(c, o.grid) for c in o.fsa], o.grid, o.details)
+            for o in outs]
 
 
 def patch_logits(

@@ -96,7 +96,7 @@ class LargestTensor(TorchDispatchMode):
 def test_fsa_and_proxyclip_stay_quadratic_at_sam_grid():
     """N = 4096 (SAM's 64×64), K = 12: no tensor beyond 2·N² elements (the published N×N×K KL would be
     12·N²); the instrument itself sees the N×N×K tensor of the naive formulation."""
-    from fsa.bench import naive_feedback_step
+    from fsa.bench_timing import naive_feedback_step
 
     model = tiny_test_clip().eval().requires_grad_(False)
     g = torch.Generator().manual_seed(0)

@@ -1,0 +1,295 @@
+"""Top-p pruning of FSA's similarity rows (method.md §3 step 4), exact without a full sort.
+
+The rule: sort each row of Ŝ descending (stable: ties in column order), w = softmax(sorted), keep
+the entries while cumsum(w) ≤ p, the first always. `prune_top_p_sorted` is that rule as written
+(the published form; the reference of the tests and of `python -m fsa bench`). `prune_top_p` gives
+the same mask on every entry without sorting the rows:
+
+1. w = softmax(row) from the same kernel as the reference, so every entry has the same exp(s − max).
+2. Bins: a strided sample of the row (64 entries, sorted) estimates where the kept mass ends and
+   sets a band around it, cut into N/16 bins (64..1024); the entries above and below the band fall
+   into two end bins. An entry's bin never decreases as its value falls (rounding is monotone), so
+   every entry of a bin comes before every entry of a later bin in the sorted order. The band only
+   decides the speed: any band gives the same result.
+3. The bins' masses (float64) locate the one bin where the running sum crosses p; only its entries
+   ("candidates", a few per row) are sorted, with the stable sort's tie order. A bin holding one
+   value many times (a run of ties, common for confident class distributions) is counted instead of
+   listed: its j-th entry has the running sum (mass above) + j·w. A row whose bin holds many distinct
+   values goes to the reference (a narrower band in another round cost more than it saved).
+4. Certified rounding: the reference's running sums differ from ours only by rounding (its softmax
+   sums the row in sorted order, ours in column order). Every decision is taken only when it holds for
+   every value a bound of those differences allows (`_margin`); a row where an entry is too close to p
+   to decide is redone by the reference: about 1 % of the rows at N = 1764, a few % at N = 4096.
+   The kept set is then every entry above the cut's value, and the entries equal to it up to a column.
+
+Rows made of long runs of ties (the similarities of near one-hot class distributions: most of a row's
+sample repeats) are cheaper to sort: a block where most rows look so goes to the reference whole.
+O(N²) memory, worked on blocks of rows that stay in cache; the result does not depend on the blocks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+#: Elements of a block of rows worked on at once (2 MiB of float32 per temporary: the passes over a block
+#: stay in cache).
+CHUNK_ELEMENTS = 1 << 19
+#: Bins across each row's band (N / 16 of them, within these bounds), and entries of each row's sample.
+BINS, MIN_BINS = 1024, 64
+#: A row with more candidates than max(HEAVY, N / HEAVY_SHARE) goes to the reference, unless its candidates are all
+#: equal (a run of ties: counted, not listed). (Narrower bands in further rounds cost more than they save.)
+HEAVY, HEAVY_SHARE = 32, 8
+#: A block of rows goes to the sorted reference when more than this share of its rows repeat values in a quarter
+#: or more of their sample (the similarities of near one-hot class distributions: runs of ties everywhere).
+TIED_SHARE = 0.5
+#: The band reaches ±S / REACH sample entries around the sample's estimate of the cut.
+REACH = 8
+SAMPLE = 64
+#: Rows shorter than this go to the reference: its sort is as cheap as the bins there.
+MIN_FAST_LENGTH = 256
+
+
+def prune_top_p_sorted(sim: Tensor, p: float) -> Tensor:
+    """Kept mask of the confidence-based pruning (step 4), by a full sort: the reference.
+
+    sim: (..., N) → bool (..., N). Each row is sorted descending; w = softmax(sorted); entries
+    are kept while cumsum(w) ≤ p, the first always.
+    """
+    values, order = torch.sort(sim, dim=-1, descending=True, stable=True)
+    # A cumulative probability is at most 1; rounding can push it a hair above, which would prune
+    # entries at p = 1.
+    keep_sorted = values.softmax(dim=-1).cumsum_(dim=-1).clamp_(max=1.0) <= p
+    keep_sorted[..., 0] = True
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+
+def _float32_threshold(p: float, dtype: torch.dtype) -> float:
+    """The largest value x of `dtype` with `tensor(x) <= p` true, as torch compares (p in the dtype)."""
+    x = torch.tensor(p, dtype=dtype)
+    if not bool(x.view(1) <= p):
+        x = torch.nextafter(x, torch.tensor(-math.inf, dtype=dtype))
+    return float(x)
+
+
+def _margin(n: int, dtype: torch.dtype, device: torch.device) -> Optional[float]:
+    """Relative bound κ of |reference's running sum − ours / our row total| for rows of n entries, or None.
+
+    The reference's running sums are sums of fl(ê·fl(1/S_ref)) in sorted order, ê = exp(s − max) from the
+    same softmax kernel as ours; ours are sums of our weights fl(ê·r) divided by their total, which cancels r.
+    - S_ref, the kernel's sum of the row in sorted order, is within γ·S of the exact sum: ATen's CPU softmax
+      adds L-lane vectors then the lanes pairwise (L = 16 with AVX-512, ≥ 8 otherwise for float32, ≥ 4 for
+      float64), CUDA's gives each row ≥ 32 threads: γ = (⌈n/L⌉ + log₂L + 2)·u. Then w_ref = (ê/S)(1 + ε),
+      |ε| ≤ 1.01γ + 2.01u, and ours w/total = (ê/S)(1 ± 2u ± n·2⁻⁵³).
+    - The reference's cumulative sum: float64 on the CPU, the dtype itself on CUDA: (n+1)·u_acc.
+    - Ours: float64 sums of the weights, (2n + BINS + 8)·2⁻⁵³.
+    """
+    if device.type not in ("cpu", "cuda") or dtype not in (torch.float32, torch.float64):
+        return None
+    u = torch.finfo(dtype).eps / 2
+    lanes = 8 if dtype == torch.float32 else 4
+    if device.type == "cpu" and dtype == torch.float32 and torch.backends.cpu.get_cpu_capability() == "AVX512":
+        lanes = 16
+    gamma = (math.ceil(n / lanes) + math.log2(lanes) + 2) * u
+    if gamma > 1e-3:
+        return None
+    u_acc = 2.0 ** -53 if device.type == "cpu" else u
+    return 1.01 * gamma + 4.1 * u + 1.05 * (n + 1) * u_acc + 1.05 * (2 * n + BINS + 8) * 2.0 ** -53
+
+
+def prune_top_p(sim: Tensor, p: float) -> Tensor:
+    """Kept mask of the confidence-based pruning (step 4): equal to `prune_top_p_sorted`, without its sort.
+
+    sim: (..., N) → bool (..., N). Each row is sorted descending; w = softmax(sorted); entries
+    are kept while cumsum(w) ≤ p, the first always (see the module docstring for how).
+    """
+    n = sim.shape[-1]
+    kappa = _margin(n, sim.dtype, sim.device)
+    if n < MIN_FAST_LENGTH or kappa is None or sim.numel() == 0:
+        return prune_top_p_sorted(sim, p)
+    rows = sim.reshape(-1, n)
+    keep = torch.empty(rows.shape, dtype=torch.bool, device=sim.device)
+    p_th = _float32_threshold(p, sim.dtype)
+    step = max(1, CHUNK_ELEMENTS // n)
+    for r0 in range(0, rows.shape[0], step):
+        _keep_block(rows[r0:r0 + step], p, p_th, kappa, keep[r0:r0 + step])
+    return keep.view(sim.shape)
+
+
+def _keep_block(rows: Tensor, p: float, p_th: float, kappa: float, out: Tensor) -> None:
+    """The kept mask of a block of rows (R, N), written into out (R, N) bool."""
+    r_count = rows.shape[0]
+    device = rows.device
+    if p_th >= 1.0:  # every cumulative sum is clamped to ≤ 1: nothing is pruned
+        out.fill_(True)
+        bad = torch.nonzero(~torch.isfinite(rows).all(dim=-1))[:, 0]
+        if bad.numel():
+            out[bad] = prune_top_p_sorted(rows[bad], p)
+        return
+    step = max(1, rows.shape[1] // SAMPLE)
+    values, order = rows[:, ::step].sort(dim=-1, descending=True)  # a strided sample of each row
+    repeats = (values[:, 1:] == values[:, :-1]).sum(dim=1)
+    if float((repeats >= values.shape[1] // 4).float().mean()) > TIED_SHARE:
+        out.copy_(prune_top_p_sorted(rows, p))  # rows made of runs of ties: sorting them beats the bins
+        return
+    w = rows.softmax(dim=-1)
+    top, bottom = _sample_band(values, w[:, ::step].gather(1, order), p)
+    failed = _bin_keep(rows, w, top, bottom, p_th, kappa, out)
+    if failed.numel():
+        out[failed] = prune_top_p_sorted(rows[failed], p)
+
+
+def _sample_band(values: Tensor, weights: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """(top, bottom) of each row's band from its sample (R, S) sorted descending and the weights w of those
+    entries: around where the sample's share of the mass passes p (any band gives the same result: entries
+    above and below it fall into the end bins)."""
+    ns = values.shape[1]
+    mass = weights.double().cumsum_(dim=1)
+    cut = (mass <= p * mass[:, -1:]).sum(dim=1)
+    reach = max(2, ns // REACH)
+    top = values.gather(1, (cut - reach).clamp(0, ns - 1)[:, None])[:, 0]
+    bottom = values.gather(1, (cut + reach).clamp(0, ns - 1)[:, None])[:, 0]
+    return top, bottom
+
+
+def _ulps(top: Tensor, bottom: Tensor) -> Tensor:
+    """Representable steps from bottom up to top, for 0 < bottom ≤ top (int64)."""
+    kind = torch.int32 if top.dtype == torch.float32 else torch.int64
+    return top.contiguous().view(kind).long() - bottom.contiguous().view(kind).long()
+
+
+def _bin_keep(rows: Tensor, w: Tensor, top: Tensor, bottom: Tensor, p_th: float, kappa: float,
+              out: Tensor) -> Tensor:
+    """Bins over each row's band [bottom, top] (module docstring): bin = trunc(x) with
+    x = clamp((top − s)·scale + 1, 0, bins + 1), so bin 0 holds the entries above the band and bin bins + 1
+    those below. Writes the kept masks of the rows it decides into out; → the other rows (for the reference)."""
+    r_count, n = rows.shape
+    device = rows.device
+    u = torch.finfo(rows.dtype).eps / 2
+    bins = min(BINS, max(MIN_BINS, n // 16))
+    # a band of one value (a sample all equal): the few representable values around it, one per bin
+    flat = top <= bottom
+    if bool(flat.any()):
+        half = top.abs() * (bins * torch.finfo(rows.dtype).eps / 8)
+        top, bottom = torch.where(flat, top + half, top), torch.where(flat, bottom - half, bottom)
+    scale = bins / (top - bottom)
+    usable = torch.isfinite(top * scale) & (scale > 0)  # else the reference (zero or non-finite samples)
+    # a narrow band of positive values, within a factor 2 (top − s exact): distinct values ≥ 2 bins apart
+    pure = usable & (bottom > 0) & (bottom >= top / 2) & (_ulps(top, bottom) <= bins // 2)
+    top = torch.where(usable, top, 0.0)
+    scale = torch.where(usable, scale, 0.0)
+    x = torch.addcmul((top * scale + 1.0)[:, None], rows, -scale[:, None])
+    if not bool(usable.all()):
+        x.masked_fill_(~usable[:, None], 0.0)
+    x.clamp_(0.0, bins + 1.0).nan_to_num_(nan=0.0)  # NaN in a row: its masses are NaN, it goes to the reference
+    b = x.to(torch.int64)
+    del x
+    masses = torch.zeros(r_count, bins + 2, dtype=torch.float64, device=device)
+    masses.scatter_add_(1, b, w.double())
+    through = masses.cumsum_(dim=1)  # through[:, b]: the mass of bins 0..b
+    # running sums relative to the row's total: the reference's are sums of ê/S, ours of ê·r (our softmax's 1/S)
+    limit = p_th * through[:, -1]
+    p_keep = (limit / (1.0 + kappa))[:, None]  # a running sum ≤ p_keep: the reference keeps the entry
+    p_prune = limit * (1.0 + u) / (1.0 - kappa)  # > p_prune: the reference prunes it
+    first = (through <= p_keep).sum(dim=1).clamp_(max=bins + 1)  # bins before it: kept, certainly
+    # the last entry of bin `first` has the running sum through[first]: kept or pruned for certain, or the
+    # row is the reference's
+    usable &= torch.isfinite(through[:, -1])  # NaN or +inf in the row
+    usable &= through.gather(1, first[:, None])[:, 0] > p_prune
+    above = torch.where(first > 0, through.gather(1, (first - 1).clamp(min=0)[:, None])[:, 0], 0.0)
+    del through, masses
+
+    # the candidates: the entries of bin `first`
+    cand = b == torch.where(usable, first, -1)[:, None]
+    del b
+    counts = cand.view(torch.uint8).sum(dim=1, dtype=torch.int32).long()  # twice as fast as count_nonzero
+    failed = ~usable | (counts == 0)
+    heavy = counts > max(HEAVY, n // HEAVY_SHARE)
+    # a pure bin: a run of equal entries, counted instead of listed
+    run = torch.nonzero(heavy & usable & pure & (first >= 1) & (first <= bins))[:, 0]
+    if run.numel():
+        sub = rows[run]
+        at = cand[run].view(torch.uint8).argmax(dim=1, keepdim=True)  # an entry of the run
+        done, run_mask = _run_keep(sub, sub.gather(1, at)[:, 0], w[run].gather(1, at)[:, 0].double(), counts[run],
+                                   above[run], limit[run], kappa)
+        del sub
+    # many distinct candidates (a band that missed, or a dense stretch of values): the reference
+    failed |= heavy
+    if run.numel():
+        failed[run] = ~done
+    unlisted = torch.nonzero(failed | heavy)[:, 0]  # heavy: runs too
+    if unlisted.numel():
+        cand[unlisted] = False
+    cr, cc = cand.nonzero(as_tuple=True)  # row by row, columns ascending
+    del cand
+    if cr.numel():
+        failed |= _list_keep(rows, w, cr, cc, above, limit, kappa, out)  # writes every row of out
+    if run.numel():
+        out[run] = run_mask
+    return torch.nonzero(failed)[:, 0]
+
+
+def _run_keep(rows: Tensor, value: Tensor, weight: Tensor, count: Tensor, above: Tensor, p_th: Tensor,
+              kappa: float) -> tuple[Tensor, Tensor]:
+    """Rows (R', N) whose candidates are `count` entries all equal to `value` (weight: their w, float64),
+    after a mass `above` of entries kept for certain.
+
+    In the sorted order the run comes in column order, each entry with the same weight (equal values,
+    equal weights), so its j-th entry has the running sum above + j·weight (exact in float64) and the
+    number kept follows without listing the run. → (decided (R',) bool, kept mask (R', N)).
+    """
+    u = torch.finfo(rows.dtype).eps / 2
+    equal = rows == value[:, None]
+    j = torch.floor((p_th / (1.0 + kappa) - above) / weight).clamp_(min=0)
+    j = torch.minimum(torch.nan_to_num(j, nan=0.0), count.double())
+    for _ in range(4):  # floor's rounding: step back while the j-th is not certainly kept
+        j = torch.where((j > 0) & ((above + j * weight) * (1.0 + kappa) > p_th), j - 1, j)
+    lead = above == 0  # nothing above (the row maximum has weight > 0): the run's first entry is kept
+    j = torch.where(lead, j.clamp(min=1), j)
+    sure_in = (j == 0) | ((above + j * weight) * (1.0 + kappa) <= p_th) | (lead & (j == 1))
+    sure_out = (j >= count) | ((above + (j + 1) * weight) * (1.0 - kappa) > p_th * (1.0 + u))
+    done = sure_in & sure_out & (weight > 0)
+    kept = equal.cumsum(dim=1, dtype=torch.int32) <= j.to(torch.int32)[:, None]
+    return done, kept.logical_and_(equal).logical_or_(rows > value[:, None])
+
+
+def _list_keep(rows: Tensor, w: Tensor, cr: Tensor, cc: Tensor, above: Tensor, limit: Tensor, kappa: float,
+               out: Tensor) -> Tensor:
+    """Rows with a few candidates (cr, cc: row by row, columns ascending), after a mass `above` kept for
+    certain: sorts them as the reference does and writes the kept masks of their rows into out.
+    → bool (R',): the rows where some candidate is too close to p to decide."""
+    r_count = rows.shape[0]
+    device = rows.device
+    u = torch.finfo(rows.dtype).eps / 2
+    cv = rows[cr, cc]
+    by_value = torch.sort(cv, descending=True, stable=True).indices
+    order = by_value[torch.sort(cr[by_value], stable=True).indices]
+    cr, cc, cv = cr[order], cc[order], cv[order]
+    cw = w[cr, cc].double()
+    counts = torch.bincount(cr, minlength=r_count)
+    starts = counts.cumsum(0) - counts
+    running = cw.cumsum(0)
+    slack = 1.05 * running.numel() * 2.0 ** -53 * float(running[-1])  # a flat cumsum minus its row start
+    row_start = (running - cw)[starts.clamp(max=cw.numel() - 1)]
+    c_sum = above[cr] + (running - row_start[cr])  # the running sum through each candidate
+    p_th = limit[cr]
+    kept = (c_sum + slack) * (1.0 + kappa) <= p_th
+    gone = (c_sum - slack) * (1.0 - kappa) > p_th * (1.0 + u)
+    # the row's first entry is always kept: the first candidate when nothing is above (the row maximum
+    # has weight 1/S > 0, so a mass of 0 above means no entry above)
+    lead = (torch.arange(cr.numel(), device=device) == starts[cr]) & (above[cr] == 0)
+    kept |= lead
+    gone &= ~lead
+    failed = torch.zeros(r_count, dtype=torch.bool, device=device)
+    failed[cr[~(kept | gone)]] = True
+    # kept: every entry above the last kept candidate, and the candidates up to it
+    kept_count = torch.bincount(cr, weights=kept.to(torch.float64), minlength=r_count).long()
+    at = (starts + (kept_count - 1).clamp_(min=0)).clamp_(max=cv.numel() - 1)
+    value = torch.where(counts > 0, cv[at], math.inf)  # rows without candidates: decided elsewhere
+    torch.gt(rows, value[:, None], out=out)
+    tied = kept & (cv == cv[at][cr])  # the kept entries equal to the cut's value
+    out[cr[tied], cc[tied]] = True
+    return failed
