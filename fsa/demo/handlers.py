@@ -330,7 +330,7 @@ class DemoApp:
         self.release_memory()
         if names is None:
             raise gr.Error(rows[0][3], title="Weights missing")
-        return compare_view(names, rows, backbone, self.is_test_model, fsa_on)
+        return compare_view(names, rows, backbone, self.is_test_model, fsa_on, settings_list[0].feedback)
 
     # -- scoring against a reference mask -----------------------------------------------------------
     def score(self, record, reference_file):
