@@ -341,7 +341,7 @@ def test_score_a_large_upload_reduces_the_reference_and_says_so(app, tmp_path):
     assert record.image.shape[:2] == (H, W) and record.input_size == (2 * W, 2 * H)
     path, ref = _reference_png(tmp_path, len(record.class_names), size=(2 * W, 2 * H))
     table, _ = app.score(record, path)
-    assert f"the {2 * W}×{2 * H} reference was reduced to that size" in table
+    assert f"given at the uploaded size, {2 * W}×{2 * H} pixels" in table and "reduced to that size" in table
     small = ref[::2, ::2]  # nearest neighbour by 2 keeps every other pixel
     assert _miou_row(table)[:2] == [round(score_against(*record.masks(), small).baseline.miou, 2),
                                     round(score_against(*record.masks(), small).fsa.miou, 2)]
