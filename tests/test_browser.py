@@ -131,7 +131,7 @@ def test_segment_click_and_see_attention(page, shots):
 
     # the step-by-step view is drawn when its section opens (closed, clicks skip it) ...
     steps_text = page.locator("#steps-text")
-    page.locator("#beyond-section").get_by_text("Explore beyond the paper").first.click()
+    page.locator("#steps-section").get_by_text("Feedback step by step").first.click()
     page.wait_for_function("() => document.querySelector('#steps-text').innerText.includes('Pass 1 of 1')")
     assert page.locator("#steps-gallery img").count() >= 1
     first_steps = steps_text.inner_text()
@@ -146,6 +146,111 @@ def test_segment_click_and_see_attention(page, shots):
     assert "Traceback" not in page.content()
 
 
+def _sized_page(browser, url, width, height):
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url, wait_until="load")
+    page.locator("#run").wait_for()
+    return page
+
+
+def _in_view(page, selector: str) -> dict:
+    """The element's bounding box, asserted to lie within the viewport."""
+    locator = page.locator(selector).first
+    locator.wait_for(state="visible")
+    box = locator.bounding_box()
+    vp = page.viewport_size
+    assert box is not None, selector
+    assert box["y"] >= -1 and box["x"] >= -1, (selector, box)
+    assert box["y"] + box["height"] <= vp["height"] + 1 and box["x"] + box["width"] <= vp["width"] + 1, \
+        (selector, box, vp)
+    return box
+
+
+def _settled(page, selector: str) -> None:
+    """Wait until the scroll that brings `selector` into view (after a short delay) is done."""
+    page.wait_for_function(
+        "(sel) => { const r = document.querySelector(sel).getBoundingClientRect();"
+        " return r.top >= 0 && r.bottom <= window.innerHeight; }", arg=selector)
+    page.wait_for_timeout(300)
+
+
+@pytest.mark.parametrize("size", [(1280, 800), (390, 844)], ids=["desktop", "phone"])
+def test_results_and_attention_come_into_view(browser, url, shots, size):
+    """On arrival the image, vocabulary and Segment (desktop); after an example and Segment both masks;
+    after a click its maps with the point marked on the image and both masks; then the keyboard patch
+    choice; a refused run keeps the masks and says why in the summary."""
+    name = f"{size[0]}x{size[1]}"
+    page = _sized_page(browser, url, *size)
+    try:
+        if size[0] >= 1000:
+            for selector in ("#image-input", "#classes", "#run"):
+                _in_view(page, selector)
+        assert "names" in page.locator("#class-budget").inner_text()
+        page.screenshot(path=str(shots / f"{name}_0_arrival.png"))
+        page.locator("#examples").get_by_text("cat; kitten").first.click()  # chelsea_cat.jpg, MaskCLIP
+        page.wait_for_function("() => document.querySelector('#classes textarea').value.includes('kitten')")
+        page.wait_for_function("() => document.querySelector('#class-budget').innerText.includes('for this image')")
+        page.locator("#run").click()
+        page.locator("#mask-fsa img").first.wait_for(state="visible")
+        page.wait_for_function("() => document.querySelector('#run-info').innerText.includes('patch grid')")
+        _settled(page, "#mask-row")
+        _in_view(page, "#mask-baseline img")
+        _in_view(page, "#mask-fsa img")
+        alt = page.locator("#mask-fsa img").first.get_attribute("alt") or ""
+        assert "MaskCLIP" in alt and "largest classes" in alt
+        assert page.locator("#legend-fsa li").count() == 3  # cat, floor, background (synonyms merged)
+        page.screenshot(path=str(shots / f"{name}_1_masks.png"))
+
+        mask = page.locator("#mask-baseline img").first
+        box = mask.bounding_box()
+        mask.click(position={"x": box["width"] * 0.4, "y": box["height"] * 0.3})
+        page.wait_for_function("() => document.querySelector('#attn-info').innerText.includes('Query patch')")
+        _settled(page, "#attn-info")
+        _in_view(page, "#attn-original img")
+        assert page.locator(".fsa-marker").count() == 3  # on the image and on both masks
+        for elem_id in ("image-input", "mask-baseline", "mask-fsa"):
+            marker = page.locator(f"#{elem_id} .fsa-marker").first.bounding_box()
+            picture = page.locator(f"#{elem_id} img").first.bounding_box()
+            cx, cy = marker["x"] + marker["width"] / 2, marker["y"] + marker["height"] / 2
+            assert picture["x"] <= cx <= picture["x"] + picture["width"], elem_id
+            assert picture["y"] <= cy <= picture["y"] + picture["height"], elem_id
+        # on the mask clicked, the marker sits where the click was
+        marker = page.locator("#mask-baseline .fsa-marker").first.bounding_box()
+        box = mask.bounding_box()
+        assert abs(marker["x"] + marker["width"] / 2 - (box["x"] + box["width"] * 0.4)) < 12
+        page.screenshot(path=str(shots / f"{name}_2_attention.png"))
+        row = page.locator("#patch-row input").first.input_value()
+        assert row and int(row) >= 1
+
+        # keyboard: type a row and a column, Enter shows that patch
+        first = page.locator("#attn-info").inner_text()
+        page.locator("#patch-row input").first.fill("1")
+        page.locator("#patch-col input").first.fill("1")
+        page.locator("#patch-col input").first.press("Enter")
+        page.wait_for_function("(old) => document.querySelector('#attn-info').innerText !== old", arg=first)
+        assert "row 0, column 0" in page.locator("#attn-info").inner_text()
+
+        # a refused run: said in the summary, the masks stay (no Error badge) and stay clickable
+        src = page.locator("#mask-fsa img").first.get_attribute("src")
+        page.locator("#classes textarea").fill(", ".join(f"name {i}" for i in range(200)))
+        page.locator("#run").click()
+        page.wait_for_function("() => document.querySelector('#run-info').innerText.includes('at most')")
+        _settled(page, "#mask-row")
+        _in_view(page, "#mask-fsa img")
+        assert page.locator("#mask-fsa img").first.get_attribute("src") == src
+        assert "last run that worked" in page.locator("#run-info").inner_text()
+        assert page.locator("#mask-row").get_by_text("Error", exact=True).count() == 0
+        page.screenshot(path=str(shots / f"{name}_3_refused.png"))
+        before = page.locator("#attn-info").inner_text()
+        box = mask.bounding_box()
+        mask.click(position={"x": box["width"] * 0.7, "y": box["height"] * 0.2})
+        page.wait_for_function("(old) => document.querySelector('#attn-info').innerText !== old", arg=before)
+        assert "Traceback" not in page.content()
+    finally:
+        page.close()
+
+
 def test_errors_are_messages_not_tracebacks(page, shots):
     page.locator("#classes textarea").fill("cat")
     page.locator("#run").click()
@@ -155,5 +260,7 @@ def test_errors_are_messages_not_tracebacks(page, shots):
     box = picture.bounding_box()
     picture.click(position={"x": box["width"] / 2, "y": box["height"] / 2})
     _toast(page, "Run a segmentation first")
+    assert "Segment" in page.locator("#attn-info").inner_text()  # said where the user looks, too
+    assert page.get_by_text("Error", exact=True).count() == 0  # no bare Error badge on the panels
     page.screenshot(path=str(shots / "3_errors.png"), full_page=True)
     assert "Traceback" not in page.content()

@@ -40,7 +40,7 @@ class PageEvents:
         self.app = app
 
     # -- Segment ------------------------------------------------------------------------------
-    def segment(self, record, *inputs, progress=gr.Progress()):
+    def segment_button(self, record, *inputs, progress=gr.Progress()):
         """Segment button: `DemoApp.run`'s outputs, then the masks' alt texts and legends, the cleared marker
         and patch inputs. A refusal or failure keeps every panel and says why in the summary."""
         try:
@@ -57,7 +57,7 @@ class PageEvents:
     # -- clicks and patch inputs ---------------------------------------------------------------
     def _views(self, record: RunRecord, head, common) -> tuple:
         row, col = record.patch_at(*record.point)
-        return attention_views(record, head, bool(common)) + (record, point_marker(record), row, col)
+        return attention_views(record, head, bool(common), colorbars=True) + (record, point_marker(record), row, col)
 
     def _inline(self, fn, record, *args) -> tuple:
         """`fn`'s outputs, or its refusal said in the patch description (and a toast), the rest unchanged."""
@@ -70,10 +70,7 @@ class PageEvents:
             return skip * 5 + (f"⚠️ **{title}.** {message}",) + skip * CLICK_EXTRA
 
     def _clicked(self, record, head, common, evt, from_input: bool):
-        if record is None:
-            raise gr.Error(NO_RUN_MESSAGE, title="Nothing to inspect yet")
-        out = self.app.click(record, head, evt, from_input=from_input)
-        return self._views(out[-1], head, common)
+        return self._views(self.app.clicked_point(record, evt, from_input), head, common)
 
     def click_input(self, record, head, common, evt: gr.SelectData):
         """A click on the input image."""
@@ -102,7 +99,7 @@ class PageEvents:
         """Head selector or common scale changed: redraw the last clicked patch (nothing when there is none)."""
         if record is None or record.point is None or record.diagnostics is None:
             return (gr.skip(),) * 7
-        return attention_views(record, head, bool(common))
+        return attention_views(record, head, bool(common), colorbars=True)
 
     # -- the class budget before Segment ---------------------------------------------------------
     def image_budget(self, image, method, short_side, vocabulary):

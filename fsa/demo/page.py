@@ -68,6 +68,7 @@ HELP = {
 #: The page's style: results beside the inputs on a wide screen; on a phone the results right under the
 #: buttons (the inputs column dissolves into the page's flow), settings and examples after them.
 CSS = """
+#page-style { display: none; }
 #header h2 { font-size: 1.35rem; margin: 0 0 .2rem 0; }
 #header p { margin: 0; }
 .fsa-legend { padding: 4px 8px; border-radius: 4px; font-size: .9rem; }
@@ -218,7 +219,7 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
                                           min_width=90)
                     patch_go = gr.Button("Show patch", elem_id="patch-go", min_width=90)
                     head = gr.Dropdown(head_choices(app.num_heads), value=MEAN_HEADS, label="Attention head",
-                                       elem_id="head", min_width=140)
+                                       elem_id="head", min_width=170)
                     common_scale = gr.Checkbox(False, label="One colour scale for A₀, A_new, A_ens",
                                                elem_id="common-scale", min_width=140)
                 attn_info = gr.Markdown("Click a point on the image or on a mask to inspect its patch.",
@@ -301,7 +302,7 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
         # the summary while the last good masks stay (PageEvents.segment), and the markers go.
         reveal_results = "() => { window.fsaReveal('mask-row'); }"
         run.click(None, None, None, js=reveal_results, queue=False)
-        run.click(events.segment, run_inputs,
+        run.click(events.segment_button, run_inputs,
                   [mask_baseline, mask_fsa, run_info, record] + attention
                   + [legend_baseline, legend_fsa, marker, patch_row, patch_col],
                   api_visibility="private", show_progress_on=[mask_baseline, mask_fsa], **model_job

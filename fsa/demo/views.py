@@ -137,10 +137,11 @@ def run_summary(res, settings) -> str:
     return line + "".join(f"\n\nNote: {n}" for n in notes)
 
 
-def attention_views(record, head: Optional[str], common_scale: bool = False):
+def attention_views(record, head: Optional[str], common_scale: bool = False, colorbars: bool = False):
     """The clicked patch of a session's `RunRecord` → (A₀ row, A_new, A_ens, Ŝ with kept set, Π chart,
-    description, head selector update). Each heatmap has a colour bar; with `common_scale` the three
-    attention rows (A₀, A_new, A_ens) share one, so that their strengths compare."""
+    description, head selector update). The heatmaps have the image's size, or with `colorbars` (the page) a
+    colour bar below; with `common_scale` the three attention rows (A₀, A_new, A_ens) share one scale, so that
+    their strengths compare."""
     if record is None or record.point is None:
         raise gr.Error(NO_RUN_MESSAGE, title="Nothing to inspect yet")
     if record.diagnostics is None:
@@ -158,6 +159,8 @@ def attention_views(record, head: Optional[str], common_scale: bool = False):
     def drawn(grid_map, kept=None, bounds=None):
         lo, hi = bounds or (float(np.min(grid_map)), float(np.max(grid_map)))
         picture = viz.heatmap_overlay(image, win, grid_map, patch, kept=kept, vmin=lo, vmax=hi)
+        if not colorbars:
+            return picture
         return viz.with_colorbar(picture, lo, hi, font_size=max(12, round(picture.shape[1] / 40)))
 
     original, new, adapted = (drawn(r, bounds=shared) for r in rows)
