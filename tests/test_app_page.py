@@ -96,11 +96,13 @@ def photo(tmp_path_factory):
 
 
 def test_budget_before_segment_and_unreadable_upload(events, photo, tmp_path):
-    hw, line = events.image_budget(photo, "clearclip", 64, "cup, table")
-    assert tuple(hw) == (64, 96)
+    known, line = events.image_budget(photo, "clearclip", 64, "cup, table")
+    assert known == (photo, 64, (64, 96))
     assert f"Up to **{class_budget((64, 96), 6)} names**" in line and "The vocabulary has 2." in line
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
+    assert "The vocabulary has 3." in events.image_budget(photo, "clearclip", 64, "a, b, c", known)[1]
+    assert events.image_budget(str(bad), "clearclip", 64, "cup", known)[0] is None  # another image: decoded
     hw, line = events.image_budget(str(bad), "clearclip", 64, "cup")
     assert hw is None and "cannot be used" in line and str(tmp_path) not in line
     assert "Up to 6 names" in events.budget_text(None, "")

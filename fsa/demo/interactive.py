@@ -102,12 +102,15 @@ class PageEvents:
         return attention_views(record, head, bool(common), colorbars=True)
 
     # -- the class budget before Segment ---------------------------------------------------------
-    def image_budget(self, image, method, short_side, vocabulary):
-        """A new upload: its working size (kept in a state) and the budget line; an unreadable upload is said
-        at once (and in a toast)."""
+    def image_budget(self, image, method, short_side, vocabulary, known=None):
+        """The budget line for the current image and vocabulary, and (image, short side, working size) to keep
+        in a state: an image already measured is not decoded again (the vocabulary changes at every key). An
+        unreadable upload is said at once (and in a toast)."""
         if image is None:
             return None, self.budget_text(None, vocabulary)
         side = int(short_side) if short_side else self.app.short_side_for(method)
+        if known is not None and tuple(known[:2]) == (str(image), side):
+            return known, self.budget_text(known[2], vocabulary)
         name = Path(image).name if isinstance(image, (str, Path)) else None
         try:
             decoded = read_bounded(image, side, max_pixels=self.app.limits.max_pixels, name=name)
@@ -117,7 +120,7 @@ class PageEvents:
             return None, f"⚠️ **This upload cannot be used.** {message}"
         width, height = decoded.source_size
         hw = working_size(height, width, side)
-        return hw, self.budget_text(hw, vocabulary)
+        return (str(image), side, hw), self.budget_text(hw, vocabulary)
 
     def budget_text(self, working_hw, vocabulary) -> str:
         """The budget line for a working size (None: no image yet) and the vocabulary typed so far."""

@@ -93,13 +93,16 @@ CSS = """
 
 #: Installed once on load: scrolling a part of the page into view, and the clicked point's markers.
 JS = """
-window.fsaReveal = (id) => {
-  // after the layout has settled (new pictures change heights): scroll only when the part is not all in view
+window.fsaReveal = (id, anchor) => {
+  // after the layout has settled (new pictures change heights): when `id` is not all in view, scroll so that
+  // `anchor` (default: `id`) starts at the top
   setTimeout(() => {
-    const el = document.getElementById(id);
-    if (!el) return;
+    const el = document.getElementById(id), top = document.getElementById(anchor || id);
+    if (!el || !top) return;
     const r = el.getBoundingClientRect();
-    if (r.top < 0 || r.bottom > window.innerHeight) window.scrollTo({top: Math.max(0, r.top + window.scrollY - 8)});
+    if (r.top < 0 || r.bottom > window.innerHeight) {
+      window.scrollTo({top: Math.max(0, top.getBoundingClientRect().top + window.scrollY - 8)});
+    }
   }, 150);
 };
 window.fsaMarkers = (value) => {
@@ -110,7 +113,8 @@ window.fsaMarkers = (value) => {
     const img = document.querySelector('#' + id + ' img');
     if (!img || !img.naturalWidth) continue;
     const box = img.getBoundingClientRect(), parent = img.parentElement.getBoundingClientRect();
-    const scale = Math.min(box.width / img.naturalWidth, box.height / img.naturalHeight);
+    let scale = Math.min(box.width / img.naturalWidth, box.height / img.naturalHeight);  // object-fit: contain
+    if (getComputedStyle(img).objectFit === 'scale-down') scale = Math.min(1, scale);
     const w = img.naturalWidth * scale, h = img.naturalHeight * scale;
     const left = box.left + (box.width - w) / 2, top = box.top + (box.height - h) / 2;
     const picture = id === 'image-input' ? h : Math.min(h, w * aspect);  // a mask's legend is below its picture
@@ -141,7 +145,7 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
         # The session's last pass: dropped after session_ttl without a request, or when the page closes
         # (`end_session` below; Gradio alone would keep a closed session's state for an hour).
         record = gr.State(None, time_to_live=limits.session_ttl, delete_callback=app.forget)
-        working_hw = gr.State(None)
+        measured = gr.State(None)  # (image, short side, working size) of the budget line
         # The page's style and script travel with the page itself (not with launch()), so that every way of
         # launching it gets them.
         gr.HTML(f"<style>{CSS}</style>", js_on_load=JS, container=False, padding=False, elem_id="page-style")
@@ -152,7 +156,7 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
                 image = decoded_image_input(gr.Image(label="Image", type="filepath", image_mode=None, height=230,
                                                       sources=["upload", "clipboard", "webcam"],
                                                       elem_id="image-input"))
-                classes = gr.Textbox(label="Vocabulary", lines=2, elem_id="classes",
+                classes = gr.Textbox(label="Vocabulary", lines=2, max_lines=6, elem_id="classes",
                                      placeholder="cat; kitten, sofa, background",
                                      info="Classes separated by commas, synonyms by “;”; add “background” "
                                           "for a catch-all class.")
@@ -319,7 +323,7 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
         click_outputs = attention + [head, record, marker, patch_row, patch_col]
         click_job = dict(api_visibility="private", concurrency_id="click", concurrency_limit=4,
                          show_progress_on=[attn_original, attn_adapted])
-        show_point = "(v) => { window.fsaMarkers(v); window.fsaReveal('attn-info'); }"
+        show_point = "(v) => { window.fsaMarkers(v); window.fsaReveal('attn-original', 'attn-info'); }"
         patch_inputs = [record, head, common_scale]
         clicks = [image.select(events.click_input, patch_inputs, click_outputs, **click_job)]
         for mask in (mask_baseline, mask_fsa):
@@ -332,12 +336,11 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
         for trigger in (head.input, common_scale.input):
             trigger(wrap(events.redraw), patch_inputs, attention + [head], **click_job)
         # The class budget of the uploaded image, before Segment; an unreadable upload is said at once.
-        budget_inputs = [image, method, short_side, classes]
-        for trigger in (image.change, method.change, short_side.blur):
-            trigger(events.image_budget, budget_inputs, [working_hw, budget], api_visibility="private",
-                    concurrency_id="budget", concurrency_limit=4, show_progress="hidden")
-        classes.change(events.budget_text, [working_hw, classes], budget, api_visibility="private", queue=False,
-                       show_progress="hidden")
+        # One handler for every trigger, one at a time, so that the last answer is the current one.
+        budget_inputs = [image, method, short_side, classes, measured]
+        for trigger in (image.change, method.change, short_side.blur, classes.change):
+            trigger(events.image_budget, budget_inputs, [measured, budget], api_visibility="private",
+                    concurrency_id="budget", concurrency_limit=1, show_progress="hidden", trigger_mode="always_last")
         method.change(app.method_defaults, method, [short_side, crop, stride, logit_scale],
                       api_visibility="private", queue=False)
         backbone.change(app.backbone_defaults, backbone, lam, api_visibility="private", queue=False)
