@@ -254,6 +254,24 @@ def test_results_and_attention_come_into_view(browser, url, shots, size):
         page.close()
 
 
+def test_compare_all_opens_in_view_with_a_compact_grid(browser, url, shots):
+    page = _sized_page(browser, url, 1280, 800)
+    try:
+        assert not page.locator("#compare-grid").is_visible()  # closed until used
+        page.locator("#image-input input[type=file]").set_input_files(str(REPO / "examples" / "coffee.jpg"))
+        page.locator("#classes textarea").fill("cup, table, background")
+        page.locator("#compare-all").click()
+        _settled(page, "#compare-section")
+        page.wait_for_function("() => document.querySelector('#compare-info').innerText.includes('baselines on')")
+        _settled(page, "#compare-section")
+        box = _in_view(page, "#compare-grid img")
+        assert box["width"] > 2 * box["height"]  # baselines as columns, two rows
+        assert "λ = " in page.locator("#compare-info").inner_text()
+        page.screenshot(path=str(shots / "1280x800_4_compare.png"))
+    finally:
+        page.close()
+
+
 def test_errors_are_messages_not_tracebacks(page, shots):
     page.locator("#classes textarea").fill("cat")
     page.locator("#run").click()

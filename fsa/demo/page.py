@@ -69,6 +69,8 @@ HELP = {
 #: buttons (the inputs column dissolves into the page's flow), settings and examples after them.
 CSS = """
 #page-style { display: none; }
+/* Gradio's grey help texts (~2.5:1 on white) darkened to 7.6:1 in the light theme */
+body:not(.dark) { --block-info-text-color: #4b5563; --body-text-color-subdued: #4b5563; }
 #header h2 { font-size: 1.35rem; margin: 0 0 .2rem 0; }
 #header p { margin: 0; }
 .fsa-legend { padding: 4px 8px; border-radius: 4px; font-size: .9rem; }
@@ -103,6 +105,12 @@ window.fsaReveal = (id, anchor) => {
     if (r.top < 0 || r.bottom > window.innerHeight) {
       window.scrollTo({top: Math.max(0, top.getBoundingClientRect().top + window.scrollY - 8)});
     }
+  }, 150);
+};
+window.fsaScroll = (id) => {
+  setTimeout(() => {
+    const el = document.getElementById(id);
+    if (el) window.scrollTo({top: Math.max(0, el.getBoundingClientRect().top + window.scrollY - 8)});
   }, 150);
 };
 window.fsaMarkers = (value) => {
@@ -257,8 +265,9 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
             compare_info = gr.Markdown("Press “Compare all baselines”: every baseline without and with FSA, on "
                                        "the image and vocabulary above.", label="Compare notes",
                                        elem_id="compare-info")
+            # no label badge: it would cover the legend at the top of the grid
             compare_grid = gr.Image(label="Every baseline (columns), without and with FSA (rows)", type="numpy",
-                                    format="png", interactive=False, elem_id="compare-grid")
+                                    format="png", interactive=False, elem_id="compare-grid", show_label=False)
         with gr.Accordion("Score against a reference mask", open=False, elem_id="score-section"):
             gr.Markdown("Upload the ground truth of the image you segmented: a PNG of class indices in the order "
                         "of the vocabulary (255 = ignore), or a colour PNG in the app's class colours (black, "
@@ -314,10 +323,12 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
                          queue=False)
         # Compare all: its section opens and comes into view, with the progress on its grid.
         compare.click(lambda: gr.Accordion(open=True), None, compare_section, api_visibility="private",
-                      queue=False, js="() => { window.fsaReveal('compare-section'); }")
+                      queue=False, js="() => { window.fsaScroll('compare-section'); }")
         compare.click(wrap(app.compare_all), [image, classes, backbone, fsa_on, isolation, pruning, ensemble, lam, p,
                                               short_side, bg_threshold], [compare_grid, compare_info],
-                      api_name="compare_all", show_progress_on=[compare_grid], **model_job)
+                      api_name="compare_all", show_progress_on=[compare_grid], **model_job
+                      ).then(None, None, None, js="() => { window.fsaReveal('compare-grid', 'compare-section'); }",
+                             queue=False)
         # A click, or a patch's row and column (keyboard): the maps come into view, the point is marked on
         # the image and both masks; a click before any run says so in the patch description.
         click_outputs = attention + [head, record, marker, patch_row, patch_col]
