@@ -232,7 +232,7 @@ def test_results_and_attention_come_into_view(browser, url, shots, size):
         page.locator("#patch-col input").first.fill("1")
         page.locator("#patch-col input").first.press("Enter")
         page.wait_for_function("(old) => document.querySelector('#attn-info').innerText !== old", arg=first)
-        assert "row 0, column 0" in page.locator("#attn-info").inner_text()
+        assert "row 1, column 1 of the image" in page.locator("#attn-info").inner_text()
 
         # a refused run: said in the summary, the masks stay (no Error badge) and stay clickable
         src = page.locator("#mask-fsa img").first.get_attribute("src")

@@ -231,9 +231,9 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
                                           min_width=90)
                     patch_go = gr.Button("Show patch", elem_id="patch-go", min_width=90)
                     head = gr.Dropdown(head_choices(app.num_heads), value=MEAN_HEADS, label="Attention head",
-                                       elem_id="head", min_width=170)
+                                       elem_id="head", min_width=190, scale=2)
                     common_scale = gr.Checkbox(False, label="One colour scale for A₀, A_new, A_ens",
-                                               elem_id="common-scale", min_width=140)
+                                               elem_id="common-scale", min_width=140, scale=2)
                 attn_info = gr.Markdown("Click a point on the image or on a mask to inspect its patch.",
                                         label="Patch description", elem_id="attn-info")
                 # In the algorithm's order: A₀ (what FSA starts from) → Π → Ŝ and the kept set → A_new → A_ens.

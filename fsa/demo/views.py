@@ -175,7 +175,10 @@ def attention_views(record, head: Optional[str], common_scale: bool = False, col
               if (x0, x1, y0, y1) != (win.x0, win.x1, win.y0, win.y1) else "")
     scale = ("A₀, A_new and A_ens share one colour scale" if common_scale
              else "each map is scaled to its own range (its colour bar says which)")
-    text = (f"Query patch row {patch[0]}, column {patch[1]} of a {exp.grid[0]}×{exp.grid[1]} grid, in the window "
+    row, col = record.patch_at(x, y)
+    rows, cols = record.patch_grid()
+    text = (f"Query patch at row {row}, column {col} of the image's {rows}×{cols} patch grid (numbered from 1): "
+            f"patch {patch[0] + 1}, {patch[1] + 1} of a {exp.grid[0]}×{exp.grid[1]} grid, in the window "
             f"x {x0}–{x1}, y {y0}–{y1}{padded} (point x={x:.0f}, y={y:.0f}); {head_text}; "
             f"{int(exp.kept.sum())} of {exp.kept.size} patches kept by pruning; most likely class under Π: "
             f"**{best}**. The cyan square is the query patch; {scale}.")
