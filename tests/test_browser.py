@@ -139,7 +139,7 @@ def test_segment_click_and_see_attention(page, shots):
     page.screenshot(path=str(shots / "3_steps.png"), full_page=True)
     # ... and redrawn on a click while it is open
     mask.scroll_into_view_if_needed()
-    mask.click(position={"x": box["width"] * 0.15, "y": box["height"] * 0.3})  # the picture, not its legend
+    mask.click(position={"x": box["width"] * 0.65, "y": box["height"] * 0.45})  # the picture, not its legend
     page.wait_for_function(
         "([sel, old]) => document.querySelector(sel).innerText !== old", arg=["#steps-text", first_steps])
     assert "Pass 1 of 1" in steps_text.inner_text()
