@@ -380,7 +380,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="instead: images/s of the evaluation protocol per benchmark with METHOD + FSA "
                              "(default proxyclip) and each benchmark's projected full time")
     parser.add_argument("--benchmarks", default=None, help="with --eval: comma-separated benchmarks (default all 8)")
+    parser.add_argument("--startup", action="store_true",
+                        help="instead: how fast the command line and the weight loaders fail offline (fsa.bench_startup)")
     args = parser.parse_args(argv)
+    if args.startup:
+        from .bench_startup import main as startup_main
+
+        return startup_main(args.repeats, machine_line(torch.device("cpu")))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     if args.eval is not None:

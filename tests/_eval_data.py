@@ -4,12 +4,17 @@
 (palette for VOC, grey otherwise) with a 255 border and random class blocks, and returns the
 ``(id, label)`` pairs in listing order with each label in the metric's space (after
 reduce_zero_label), computed here independently of the code under test. ``make_raw_coco`` and
-``make_raw_cityscapes`` write raw downloads for the converters; ``same_scores`` compares two results.
+``make_raw_cityscapes`` write raw downloads for the converters; ``same_scores`` compares two results;
+``run_cli`` runs ``python -m fsa`` (optionally under torchrun) with the tiny model.
 """
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -20,6 +25,25 @@ DEFAULT_SIZES = ((375, 500), (333, 500), (281, 417))
 #: Image sizes and evaluator settings of the quick evaluations in the runner and sweep tests.
 SMALL_SIZES = ((75, 100), (67, 100), (56, 83), (90, 61))
 FAST = dict(backbone="tiny-test", short_side=64, progress=False)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(args: Sequence[str], env: Optional[dict] = None, torchrun: int = 0) -> subprocess.CompletedProcess:
+    """``python -m fsa ARGS`` with the tiny model, offline, one thread per process; with ``torchrun`` = n, under
+    ``torch.distributed.run`` with n (gloo) processes. A 600 s hang guard."""
+    env = {**os.environ, "FSA_MODEL": "tiny-test", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    prefix = [sys.executable, "-m", "fsa"] if not torchrun else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", f"--master_port={free_port()}",
+        "-m", "fsa"]
+    return subprocess.run(prefix + list(args), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def same_scores(a, b) -> bool:

@@ -61,19 +61,8 @@ def _single_thread():
 
 
 # ------------------------------------------------------------------------------------------------
-# the package under test
+# the package under test (imported directly by the test modules: a rename or a crash is a failure)
 # ------------------------------------------------------------------------------------------------
-
-def fsa_or_skip():
-    """The `fsa` package with `patch_logits`, or skip (the lead's module may not have landed)."""
-    try:
-        import fsa
-    except Exception as exc:  # pragma: no cover - depends on the lead's progress
-        pytest.skip(f"fsa not importable yet: {exc!r}")
-    if not hasattr(fsa, "patch_logits"):
-        pytest.skip("fsa.patch_logits not there yet")
-    return fsa
-
 
 def feedback_cfg(**kw):
     """(fsa.FeedbackConfig, RefFeedback) with the same fields."""

@@ -1,15 +1,19 @@
 """Naive float64 reference of docs/method.md (§1 positional embedding, §2 last-block
-variants, §3 FSA, §4 GCLIP), written straight from the text for the verification suite.
+variants, §3 FSA, §4 GCLIP), written straight from the text for the verification suite, and of the
+FSA switches beyond the paper (FeedbackConfig.similarity, iterations, blocks; their rules are
+written out in `divergence_naive` and `feedback_passes`).
 
 Clarity over speed, and deliberately independent of the `fsa` package:
 - one image at a time, one head at a time (explicit Python loops);
 - every attention matrix is materialised (the uniform attention is a real 1/L' matrix, the FSA
   ensemble is the explicit matrix (A_new A0 + A0 A_new + A_new)/3, the KL is an N x N x K tensor);
 - LayerNorm, multi-head attention, patch embedding, bicubic and bilinear resizing are written out
-  by hand from the weights (only GELU/QuickGELU is taken from the block's own `mlp` module);
+  by hand from the weights (the elementary ones in reference_ops.py; only GELU/QuickGELU is taken
+  from the block's own `mlp` module);
 - blocks 1..L-1 are run with the model's own modules, except for GCLIP, which needs their
-  attention maps and a suppressed copy of the weights: there a hand-written block forward is used
-  (tests check it equals the module's forward).
+  attention maps and a suppressed copy of the weights, and the feedback re-runs of blocks b0..L-1
+  (FeedbackConfig.blocks): there a hand-written block forward is used (tests check it equals the
+  module's forward).
 
 Everything is computed in float64 regardless of the model dtype.
 """
@@ -22,7 +26,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F  # only for the deliberate misreadings of test_golden
 
-DT = torch.float64
+from reference_ops import (DT, bicubic_resize_scale, bilinear_resize_size, l2_normalize,  # noqa: F401
+                           layer_norm, linear, mlp, softmax_rows)
 
 BASELINE_METHODS = ("vanilla", "maskclip", "sclip", "clearclip", "naclip", "proxyclip", "gclip")
 
@@ -50,6 +55,9 @@ class RefFeedback:
     feedback_scale: float = 20.0
     isolation_scale: float = 35.0
     eps: float = 1e-10
+    similarity: str = "kl"  #: "kl" (the paper), "sym_kl" or "js" (see divergence_naive)
+    iterations: int = 1  #: feedback passes (see feedback_passes)
+    blocks: Optional[Sequence[int]] = None  #: 1-based blocks that get the adapted attention; None = the last
 
 
 @dataclass
@@ -77,102 +85,6 @@ def feedback_from(cfg) -> Optional[RefFeedback]:
     if cfg is None:
         return None
     return RefFeedback(**{f: getattr(cfg, f) for f in RefFeedback.__dataclass_fields__})
-
-
-# ----------------------------------------------------------------------------------------------
-# elementary operations, written out
-# ----------------------------------------------------------------------------------------------
-
-def layer_norm(x: torch.Tensor, ln) -> torch.Tensor:
-    w = ln.weight.detach().to(DT)
-    b = ln.bias.detach().to(DT)
-    mu = x.mean(dim=-1, keepdim=True)
-    var = ((x - mu) ** 2).mean(dim=-1, keepdim=True)  # biased variance, as LayerNorm
-    return (x - mu) / torch.sqrt(var + ln.eps) * w + b
-
-
-def linear(x: torch.Tensor, weight, bias) -> torch.Tensor:
-    y = x @ weight.detach().to(DT).T
-    if bias is not None:
-        y = y + bias.detach().to(DT)
-    return y
-
-
-def softmax_rows(s: torch.Tensor) -> torch.Tensor:
-    """softmax over the last dim, written out (rows of -inf only are not expected)."""
-    m = s.max(dim=-1, keepdim=True).values
-    e = torch.exp(s - m)
-    return e / e.sum(dim=-1, keepdim=True)
-
-
-def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    return x / torch.sqrt((x * x).sum(dim=-1, keepdim=True))
-
-
-def mlp(block, x: torch.Tensor, c_proj_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-    m = block.mlp
-    hid = linear(x, m.c_fc.weight, m.c_fc.bias)
-    hid = m.gelu(hid)  # GELU or QuickGELU: the model's own activation
-    w = m.c_proj.weight if c_proj_weight is None else c_proj_weight
-    return linear(hid, w, m.c_proj.bias)
-
-
-def cubic_weight(t: float, a: float = -0.75) -> float:
-    """Keys cubic convolution kernel (PyTorch's bicubic uses a = -0.75)."""
-    t = abs(t)
-    if t <= 1:
-        return ((a + 2) * t - (a + 3)) * t * t + 1
-    if t < 2:
-        return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
-    return 0.0
-
-
-def bicubic_resize_scale(img: torch.Tensor, scale_h: float, scale_w: float) -> torch.Tensor:
-    """Bicubic resize of (C, Hi, Wi) by *scale factors* (align_corners=False), as
-    F.interpolate(scale_factor=(scale_h, scale_w)) does: output size floor(Hi*scale), source
-    coordinate (o + 0.5) / scale - 0.5, border indices clamped."""
-    C, Hi, Wi = img.shape
-    Ho, Wo = int(math.floor(Hi * scale_h)), int(math.floor(Wi * scale_w))
-
-    def matrix(n_in, n_out, scale):
-        Wm = torch.zeros(n_out, n_in, dtype=DT)
-        for o in range(n_out):
-            src = (o + 0.5) / scale - 0.5
-            i0 = math.floor(src)
-            t = src - i0
-            for k in range(-1, 3):
-                idx = min(max(i0 + k, 0), n_in - 1)
-                Wm[o, idx] += cubic_weight(k - t)
-        return Wm
-
-    Rh, Rw = matrix(Hi, Ho, scale_h), matrix(Wi, Wo, scale_w)
-    out = torch.zeros(C, Ho, Wo, dtype=DT)
-    for c in range(C):
-        out[c] = Rh @ img[c].to(DT) @ Rw.T
-    return out
-
-
-def bilinear_resize_size(img: torch.Tensor, Ho: int, Wo: int) -> torch.Tensor:
-    """Bilinear resize of (C, Hi, Wi) to (Ho, Wo), align_corners=False (source coordinate
-    (o + 0.5) * Hi / Ho - 0.5, clamped at 0 below, neighbour index clamped above)."""
-    C, Hi, Wi = img.shape
-
-    def matrix(n_in, n_out):
-        Wm = torch.zeros(n_out, n_in, dtype=DT)
-        for o in range(n_out):
-            src = max((o + 0.5) * n_in / n_out - 0.5, 0.0)
-            i0 = min(int(math.floor(src)), n_in - 1)
-            i1 = min(i0 + 1, n_in - 1)
-            t = src - i0
-            Wm[o, i0] += 1 - t
-            Wm[o, i1] += t
-        return Wm
-
-    Rh, Rw = matrix(Hi, Ho), matrix(Wi, Wo)
-    out = torch.zeros(C, Ho, Wo, dtype=DT)
-    for c in range(C):
-        out[c] = Rh @ img[c].to(DT) @ Rw.T
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,21 +139,28 @@ def qkv_heads(block, y: torch.Tensor):
     return qs, ks, vs
 
 
+def head_attentions(block, x: torch.Tensor) -> list:
+    """[softmax(q_h k_hᵀ s)] per head of `block` on the tokens x (L, D) of one image."""
+    qs, ks, _ = qkv_heads(block, layer_norm(x, block.ln_1))
+    s = qs[0].shape[1] ** -0.5
+    return [softmax_rows(q @ k.T * s) for q, k in zip(qs, ks)]
+
+
+def block_with_attention(block, x: torch.Tensor, attns: list, c_proj_weight=None) -> torch.Tensor:
+    """Standard residual block for one image x (L, D) with given per-head attention matrices
+    attns[h] (L x L): x + out_proj(concat_h A_h v_h), then + mlp(ln_2(.)), by hand."""
+    assert isinstance(block.ls_1, torch.nn.Identity) and isinstance(block.ls_2, torch.nn.Identity), \
+        "the reference has no LayerScale"
+    _, _, vs = qkv_heads(block, layer_norm(x, block.ln_1))
+    outs = [A @ v for A, v in zip(attns, vs)]
+    x = x + linear(torch.cat(outs, dim=1), block.attn.out_proj.weight, block.attn.out_proj.bias)
+    return x + mlp(block, layer_norm(x, block.ln_2), c_proj_weight)
+
+
 def block_forward_manual(block, x: torch.Tensor, c_proj_weight=None):
     """Standard residual block for one image x (L, D), by hand. Returns (out, [A_h])."""
-    y = layer_norm(x, block.ln_1)
-    qs, ks, vs = qkv_heads(block, y)
-    d = qs[0].shape[1]
-    s = d ** -0.5
-    attns, outs = [], []
-    for q, k, v in zip(qs, ks, vs):
-        A = softmax_rows(q @ k.T * s)
-        attns.append(A)
-        outs.append(A @ v)
-    o = linear(torch.cat(outs, dim=1), block.attn.out_proj.weight, block.attn.out_proj.bias)
-    x = x + o
-    x = x + mlp(block, layer_norm(x, block.ln_2), c_proj_weight)
-    return x, attns
+    attns = head_attentions(block, x)
+    return block_with_attention(block, x, attns, c_proj_weight), attns
 
 
 def head_features(visual, O: torch.Tensor) -> torch.Tensor:
@@ -287,11 +206,28 @@ def kl_tensor(pi: torch.Tensor, eps: float) -> torch.Tensor:
     return terms.sum(dim=-1)
 
 
-def output_similarity_naive(pi: torch.Tensor, eps: float) -> torch.Tensor:
-    """Ŝ = 1 / (1 + clamp(KL, >= 0)) for one image, pi (N, K)."""
-    kl = kl_tensor(pi.to(DT), eps)
-    kl = torch.where(kl < 0, torch.zeros_like(kl), kl)
-    return 1.0 / (1.0 + kl)
+def divergence_naive(pi: torch.Tensor, eps: float, kind: str = "kl") -> torch.Tensor:
+    """D (N, N) of one image's pi (N, K) from N x N x K tensors, ε inside every logarithm:
+    "kl": KL_ij clamped >= 0 (the paper); "sym_kl": ½(KL_ij + KL_ji) of the clamped KL;
+    "js": ½ Σ_k Π_ik (log(Π_ik + ε) − log(M_ijk + ε)) + ½ Σ_k Π_jk (log(Π_jk + ε) − log(M_ijk + ε))
+    with M_ij = ½(Π_i + Π_j), clamped >= 0."""
+    pi = pi.to(DT)
+    clamp = lambda t: torch.where(t < 0, torch.zeros_like(t), t)  # noqa: E731
+    if kind in ("kl", "sym_kl"):
+        kl = clamp(kl_tensor(pi, eps))
+        return kl if kind == "kl" else 0.5 * (kl + kl.T)
+    assert kind == "js", kind
+    G = torch.log(pi + eps)
+    M = 0.5 * (pi[:, None, :] + pi[None, :, :])  # (N, N, K)
+    GM = torch.log(M + eps)
+    first = (pi[:, None, :] * (G[:, None, :] - GM)).sum(dim=-1)  # KL(Π_i ‖ M_ij)
+    second = (pi[None, :, :] * (G[None, :, :] - GM)).sum(dim=-1)  # KL(Π_j ‖ M_ij)
+    return clamp(0.5 * first + 0.5 * second)
+
+
+def output_similarity_naive(pi: torch.Tensor, eps: float, kind: str = "kl") -> torch.Tensor:
+    """Ŝ = 1 / (1 + D) for one image, pi (N, K), D of `divergence_naive` (the paper: KL)."""
+    return 1.0 / (1.0 + divergence_naive(pi, eps, kind))
 
 
 def prune_keep_naive(sim: torch.Tensor, p: float) -> torch.Tensor:
@@ -347,22 +283,181 @@ def ensemble_matrix(a_new_full: torch.Tensor, a0: torch.Tensor) -> torch.Tensor:
 # the whole thing, one image at a time
 # ----------------------------------------------------------------------------------------------
 
-def _gclip_tokens(visual, x: torch.Tensor, opts: RefOptions, depth: int):
-    """Blocks 1..L-1 for GCLIP (one image): suppressed copy of c_proj in the suppression blocks
-    (if on), head-averaged attention of the fusion blocks captured. Returns (x, {b: Ā_b})."""
+def gclip_sets(opts: RefOptions, depth: int, method: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """1-based (suppressed blocks, fused blocks) in effect: GCLIP's with its switches, else none."""
+    if method != "gclip":
+        return (), ()
     sup_default, fus_default = default_gclip_blocks(depth)
     sup = tuple(opts.suppression_blocks) if opts.suppression_blocks is not None else sup_default
     fus = tuple(opts.fusion_blocks) if opts.fusion_blocks is not None else fus_default
+    return (sup if opts.channel_suppression else ()), (fus if opts.attention_fusion else ())
+
+
+def _tower(visual, x: torch.Tensor, method: str, sup, fus, c_proj: dict):
+    """Blocks 1..L-1 of one image: the model's own modules, except for GCLIP (hand-written blocks
+    with the suppressed copies of c_proj, head-averaged attention of the fusion blocks captured).
+    Returns ({b: tokens entering block b, b = 1..L}, {b: Ā_b})."""
     blocks = visual.transformer.resblocks
-    captured = {}
+    depth = len(blocks)
+    entering, captured = {1: x}, {}
     for b in range(1, depth):  # 1-based, blocks 1..L-1
         blk = blocks[b - 1]
-        cw = suppressed_c_proj(blk.mlp.c_proj.weight) if (opts.channel_suppression and b in sup) else None
-        x_new, attns = block_forward_manual(blk, x, c_proj_weight=cw)
-        if opts.attention_fusion and b in fus:
-            captured[b] = sum(attns) / len(attns)
-        x = x_new
-    return x, captured, fus
+        if method == "gclip":
+            x, attns = block_forward_manual(blk, x, c_proj_weight=c_proj.get(b))
+            if b in fus:
+                captured[b] = sum(attns) / len(attns)
+        else:  # unchanged, batch-first modules
+            x = blk(x[None].to(blk.ln_1.weight.dtype))[0].to(DT)
+        entering[b + 1] = x
+    return entering, captured
+
+
+@dataclass
+class LastBlock:
+    """The last block of one image on given tokens: the baseline's attention A0 (per head), the
+    values it attends over (ProxyCLIP: resized to the proxy grid) and what F(A) needs."""
+
+    a0: list
+    vs: list
+    x_res: Optional[torch.Tensor]
+    has_cls: bool
+    out_grid: tuple  #: (h, w) of the output: the CLIP grid, or the proxy grid I x J
+    info: dict
+
+
+def baseline_a0(method: str, qs: list, ks: list, grid: tuple, opts: RefOptions, proxy_one=None, fused_maps=(),
+                misreadings=frozenset()) -> list:
+    """The baseline's last-block attention A0 per head (method.md §2 table) of one image from the
+    last block's q, k per head (L x d each); ProxyCLIP's (M x M over the proxy grid) from proxy_one
+    (C, I, J); GCLIP fuses `fused_maps` (its blocks' head-averaged attention) when there are any."""
+    gh, gw = grid
+    L, d = qs[0].shape
+    H = len(qs)
+    s = d ** -0.5
+    if method == "vanilla":
+        a0 = [softmax_rows(q @ k.T * s) for q, k in zip(qs, ks)]
+    elif method == "maskclip":
+        a0 = [torch.eye(L, dtype=DT) for _ in range(H)]
+    elif method == "sclip":
+        a0 = [softmax_rows(q @ q.T * s) + softmax_rows(k @ k.T * s) for q, k in zip(qs, ks)]
+        if "sclip_mean" in misreadings:
+            a0 = [A / 2 for A in a0]
+    elif method == "clearclip":
+        a0 = [softmax_rows(q @ q.T * s) for q in qs]
+    elif method == "naclip":
+        sigma = opts.naclip_sigma
+        omega = torch.zeros(L, L, dtype=DT)
+        pos = [(r, c) for r in range(gh) for c in range(gw)]  # row-major patch order
+        for i, (ri, ci) in enumerate(pos):
+            for j, (rj, cj) in enumerate(pos):
+                omega[1 + i, 1 + j] = math.exp(-((ri - rj) ** 2 + (ci - cj) ** 2) / (2 * sigma ** 2))
+        a0 = [softmax_rows(k @ k.T * s + omega) for k in ks]
+    elif method == "gclip":
+        own = [softmax_rows(q @ q.T * s) for q in qs]
+        a0 = [(sum(fused_maps) + A) / (len(fused_maps) + 1) for A in own] if len(fused_maps) else own
+    elif method == "proxyclip":
+        assert proxy_one is not None, "proxyclip needs proxy_features"
+        Fp = proxy_one.detach().to(DT)  # (C, I, J)
+        C, I, J = Fp.shape
+        f = l2_normalize(Fp.reshape(C, I * J).T)  # (M, C), row-major proxy grid
+        S_hat = f @ f.T
+        mean = S_hat.sum() / S_hat.numel()
+        if "proxy_mean_offdiag" in misreadings:
+            mean = (S_hat.sum() - torch.diagonal(S_hat).sum()) / (S_hat.numel() - S_hat.shape[0])
+        S_p = opts.proxy_gamma * (S_hat - opts.proxy_beta * mean)
+        S_p = torch.where(S_p < 0, torch.full_like(S_p, float("-inf")), S_p)
+        A = softmax_rows(S_p)
+        a0 = [A for _ in range(H)]  # shared by all heads
+    else:
+        raise AssertionError(method)
+    return a0
+
+
+def last_block(visual, x: torch.Tensor, method: str, opts: RefOptions, grid: tuple, proxy_one, captured: dict,
+               fus, misreadings=frozenset()) -> LastBlock:
+    """Method.md §2 table on the tokens x (L, D) entering the last block (one image); captured: the
+    head-averaged attention of GCLIP's fusion blocks `fus` before the last."""
+    gh, gw = grid
+    last = visual.transformer.resblocks[-1]
+    depth = len(visual.transformer.resblocks)
+    qs, ks, vs = qkv_heads(last, layer_norm(x, last.ln_1))
+    H, d = len(qs), qs[0].shape[1]
+    s = d ** -0.5
+    fused = [captured[b] if b != depth else sum(softmax_rows(q @ k.T * s) for q, k in zip(qs, ks)) / H
+             for b in fus]  # b == depth: the last block's own head-averaged q k attention
+    a0 = baseline_a0(method, qs, ks, grid, opts, proxy_one, fused, misreadings)
+    info = {"q": torch.stack(qs), "k": torch.stack(ks), "v": torch.stack(vs)}  # before any resizing
+    if method != "proxyclip":
+        return LastBlock(a0, vs, x, True, (gh, gw), info)
+    # v: patch part only, (N, D) -> (D, gh, gw) -> bilinear to (D, I, J) -> (M, D)
+    I, J = proxy_one.shape[-2:]
+    newv = []
+    for v in vs:
+        vp = v[1:].T.reshape(d, gh, gw)
+        if "proxy_v_nearest" in misreadings:
+            newv.append(F.interpolate(vp[None], size=(I, J), mode="nearest")[0].reshape(d, I * J).T)
+        else:
+            newv.append(bilinear_resize_size(vp, I, J).reshape(d, I * J).T)
+    info["clip_grid_vs"] = [v[1:] for v in vs]
+    return LastBlock(a0, newv, None, False, (I, J), info)
+
+
+def feedback_passes(fb: RefFeedback, visual, method: str, opts: RefOptions, grid: tuple, proxy_one, entering: dict,
+                    captured: dict, sup, fus, c_proj: dict, base: LastBlock, logits_of, z0: torch.Tensor,
+                    U: Optional[torch.Tensor]):
+    """FSA's passes for one image; z0 (N', K) the baseline's cosines, U the isolation logits (None: off).
+
+    Rules beyond the paper (`iterations`, `blocks`; the paper: one pass into the last block):
+    - pass t adapts with Π_t = softmax(feedback_scale·Z_{t−1} − U), Z_{t−1} the cosines of pass t−1's
+      output (Z_0 the baseline's); U is the baseline's, once;
+    - one A_new per pass, shared by every adapted block; A_ens always mixes A_new with the A0 of the
+      block on the tokens of this pass (the last block alone: the baseline's A0);
+    - b0 = the first adapted block < L: each pass re-runs blocks b0..L from the baseline's tokens
+      entering b0. An adapted block b < L uses per head (diag(1, A_new) A0 + A0 diag(1, A_new) +
+      diag(1, A_new))/3 (diag(1, A_new) alone with the ensemble off), A0 = softmax(q kᵀ s) on the
+      re-run tokens, and keeps its residual and FFN; other blocks run unchanged; the last block is
+      the method's (§2) on the re-run tokens. GCLIP keeps its suppressed c_proj in every block and
+      fuses the maps of its fusion blocks as computed in the pass (the block's A0, adapted or not).
+    Returns (final cosines, [per pass: dict Z, Pi, S, keep, A_new, blocks {b: (A0 list, A_fsa list)}]).
+    """
+    blocks = visual.transformer.resblocks
+    depth = len(blocks)
+    adapted = tuple(sorted(fb.blocks)) if fb.blocks else (depth,)
+    assert all(1 <= b <= depth for b in adapted), adapted
+    assert method != "proxyclip" or adapted == (depth,), "proxyclip adapts the last block only"
+
+    def mix(a_full, a0):
+        return [ensemble_matrix(a_full, A) for A in a0] if fb.ensemble else [a_full for _ in a0]
+
+    z, passes = z0, []
+    for _ in range(fb.iterations):
+        Z = fb.feedback_scale * z
+        pi = softmax_rows(Z - U) if U is not None else softmax_rows(Z)
+        S = output_similarity_naive(pi, fb.eps, fb.similarity)
+        keep = prune_keep_naive(S, fb.p) if fb.pruning else None
+        a_new = adapted_attention_naive(S, keep, fb.lam)
+        per_block = {}
+        lb = base
+        if adapted[0] < depth:  # re-run blocks b0..L-1, then the last block on their tokens
+            x = entering[adapted[0]]
+            maps = {b: m for b, m in captured.items() if b < adapted[0]}
+            for b in range(adapted[0], depth):
+                a0 = head_attentions(blocks[b - 1], x)
+                if b in fus:
+                    maps[b] = sum(a0) / len(a0)
+                attns = a0
+                if b in adapted:
+                    attns = mix(embed_cls(a_new), a0)
+                    per_block[b] = (a0, attns)
+                x = block_with_attention(blocks[b - 1], x, attns, c_proj.get(b))
+            lb = last_block(visual, x, method, opts, grid, proxy_one, maps, fus)
+        attns = lb.a0
+        if depth in adapted:
+            attns = mix(embed_cls(a_new) if lb.has_cls else a_new, lb.a0)
+            per_block[depth] = (lb.a0, attns)
+        z = logits_of(lb, attns)
+        passes.append(dict(Z=Z, Pi=pi, S=S, keep=keep, A_new=a_new, A_fsa=attns, blocks=per_block))
+    return z, passes
 
 
 def reference_patch_logits(model, pixels: torch.Tensor, text_features: torch.Tensor, method: str,
@@ -371,9 +466,11 @@ def reference_patch_logits(model, pixels: torch.Tensor, text_features: torch.Ten
                            _misreadings: frozenset = frozenset()):
     """(B, K, h, w) cosine similarities (proxy grid I x J for proxyclip), float64.
 
-    `feedback`: None (baseline) or anything with FeedbackConfig's field names.
+    `feedback`: None (baseline) or anything with FeedbackConfig's field names (similarity,
+    iterations and blocks as in `divergence_naive` and `feedback_passes`).
     `options`: RefOptions (GCLIP blocks explicit or None = default_gclip_blocks(depth)).
-    With return_details, also a list (per image) of dicts of intermediates.
+    With return_details, also a list (per image) of dicts of intermediates (those of the last pass,
+    and "passes": every pass's).
     `_misreadings` is for test_golden only: deliberately wrong readings of method.md, to show that
     the golden file tells them apart ("sclip_mean", "maskclip_no_residual_ffn",
     "proxy_mean_offdiag", "uniform_over_clip_grid", "proxy_v_nearest").
@@ -390,125 +487,43 @@ def reference_patch_logits(model, pixels: torch.Tensor, text_features: torch.Ten
     residual, ffn = LAST_BLOCK_RULE[method]
     if method == "maskclip" and "maskclip_no_residual_ffn" in _misreadings:
         residual, ffn = False, False
+    sup, fus = gclip_sets(opts, depth, method)
+    c_proj = {b: suppressed_c_proj(blocks[b - 1].mlp.c_proj.weight) for b in sup if b < depth}
+
+    def logits_of(lb: LastBlock, attns):
+        """F(A) -> head -> cosines (N', K) of the patch tokens."""
+        O = run_last_block(last, lb.x_res, attns, lb.vs, residual, ffn)
+        return head_features(visual, O)[1 if lb.has_cls else 0:] @ T.T
 
     with torch.no_grad():
         tokens, gh, gw = embed(visual, pixels)
         B = tokens.shape[0]
         results, details = [], []
         for bidx in range(B):
-            x = tokens[bidx]  # (L, D)
-            captured = {}
-            if method == "gclip":
-                x, captured, fus = _gclip_tokens(visual, x, opts, depth)
-            else:
-                for blk in list(blocks)[:-1]:  # unchanged, batch-first modules
-                    x = blk(x[None].to(blk.ln_1.weight.dtype))[0].to(DT)
-            L = x.shape[0]
-            y = layer_norm(x, last.ln_1)
-            qs, ks, vs = qkv_heads(last, y)
-            v_raw = torch.stack(vs)  # (H, L, d), before any ProxyCLIP resizing
-            H = len(qs)
-            d = qs[0].shape[1]
-            s = d ** -0.5
-
-            # ---- baseline attention A0 (per head) over L' tokens, values, residual input ----
-            has_cls = True
-            x_res = x
-            if method == "vanilla":
-                a0 = [softmax_rows(q @ k.T * s) for q, k in zip(qs, ks)]
-            elif method == "maskclip":
-                a0 = [torch.eye(L, dtype=DT) for _ in range(H)]
-            elif method == "sclip":
-                a0 = [softmax_rows(q @ q.T * s) + softmax_rows(k @ k.T * s) for q, k in zip(qs, ks)]
-                if "sclip_mean" in _misreadings:
-                    a0 = [A / 2 for A in a0]
-            elif method == "clearclip":
-                a0 = [softmax_rows(q @ q.T * s) for q in qs]
-            elif method == "naclip":
-                sigma = opts.naclip_sigma
-                omega = torch.zeros(L, L, dtype=DT)
-                pos = [(r, c) for r in range(gh) for c in range(gw)]  # row-major patch order
-                for i, (ri, ci) in enumerate(pos):
-                    for j, (rj, cj) in enumerate(pos):
-                        omega[1 + i, 1 + j] = math.exp(-((ri - rj) ** 2 + (ci - cj) ** 2) / (2 * sigma ** 2))
-                a0 = [softmax_rows(k @ k.T * s + omega) for k in ks]
-            elif method == "gclip":
-                a0 = []
-                for q in qs:
-                    own = softmax_rows(q @ q.T * s)
-                    if opts.attention_fusion:
-                        maps = []
-                        for b in fus:
-                            if b == depth:  # the last block's own head-averaged q k attention
-                                maps.append(sum(softmax_rows(qq @ kk.T * s) for qq, kk in zip(qs, ks)) / H)
-                            else:
-                                maps.append(captured[b])
-                        a0.append((sum(maps) + own) / (len(maps) + 1))
-                    else:
-                        a0.append(own)
-            elif method == "proxyclip":
-                has_cls = False
-                assert proxy_features is not None, "proxyclip needs proxy_features"
-                Fp = proxy_features[bidx].detach().to(DT)  # (C, I, J)
-                C, I, J = Fp.shape
-                f = l2_normalize(Fp.reshape(C, I * J).T)  # (M, C), row-major proxy grid
-                S_hat = f @ f.T
-                mean = S_hat.sum() / S_hat.numel()
-                if "proxy_mean_offdiag" in _misreadings:
-                    mean = (S_hat.sum() - torch.diagonal(S_hat).sum()) / (S_hat.numel() - S_hat.shape[0])
-                S_p = opts.proxy_gamma * (S_hat - opts.proxy_beta * mean)
-                S_p = torch.where(S_p < 0, torch.full_like(S_p, float("-inf")), S_p)
-                A = softmax_rows(S_p)
-                a0 = [A for _ in range(H)]  # shared by all heads
-                # v: patch part only, (N, D) -> (D, gh, gw) -> bilinear to (D, I, J) -> (M, D)
-                newv = []
-                for v in vs:
-                    vp = v[1:].T.reshape(d, gh, gw)
-                    if "proxy_v_nearest" in _misreadings:
-                        newv.append(F.interpolate(vp[None], size=(I, J), mode="nearest")[0].reshape(d, I * J).T)
-                    else:
-                        newv.append(bilinear_resize_size(vp, I, J).reshape(d, I * J).T)
-                clip_grid_vs = [v[1:] for v in vs]
-                vs = newv
-                x_res = None
-            Lp = vs[0].shape[0]  # L' tokens attended over
-            off = 1 if has_cls else 0  # patch rows start here
-
-            def logits_of(attns):
-                O = run_last_block(last, x_res, attns, vs, residual, ffn)
-                return head_features(visual, O)[off:] @ T.T  # (N', K)
-
-            base = logits_of(a0)
-            info = {"A0": a0, "baseline": base, "grid": (gh, gw), "has_cls": has_cls,
-                    "q": torch.stack(qs), "k": torch.stack(ks), "v": v_raw,
-                    "values": torch.stack(vs)}
+            proxy_one = proxy_features[bidx] if method == "proxyclip" else None
+            entering, captured = _tower(visual, tokens[bidx], method, sup, fus, c_proj)
+            lb = last_block(visual, entering[depth], method, opts, (gh, gw), proxy_one, captured, fus, _misreadings)
+            base = logits_of(lb, lb.a0)
+            info = {"A0": lb.a0, "baseline": base, "grid": (gh, gw), "has_cls": lb.has_cls,
+                    "q": lb.info["q"], "k": lb.info["k"], "v": lb.info["v"], "values": torch.stack(lb.vs)}
             if fb is None:
                 out = base
             else:
-                Z = fb.feedback_scale * base
-                A_u = torch.full((Lp, Lp), 1.0 / Lp, dtype=DT)  # a real uniform matrix
-                if "uniform_over_clip_grid" in _misreadings and not has_cls:
-                    mean_v = [v.mean(dim=0, keepdim=True).expand(Lp, -1) for v in clip_grid_vs]
-                    O_u = run_last_block(last, x_res, [torch.eye(Lp, dtype=DT)] * H, mean_v, residual, ffn)
+                Lp = lb.vs[0].shape[0]  # L' tokens attended over
+                H = len(lb.vs)
+                if not fb.isolation:
+                    U = None
+                elif "uniform_over_clip_grid" in _misreadings and not lb.has_cls:
+                    mean_v = [v.mean(dim=0, keepdim=True).expand(Lp, -1) for v in lb.info["clip_grid_vs"]]
+                    O_u = run_last_block(last, lb.x_res, [torch.eye(Lp, dtype=DT)] * H, mean_v, residual, ffn)
                     U = fb.isolation_scale * (head_features(visual, O_u) @ T.T)
                 else:
-                    U = fb.isolation_scale * logits_of([A_u for _ in range(H)])
-                pi = softmax_rows(Z - U) if fb.isolation else softmax_rows(Z)
-                S = output_similarity_naive(pi, fb.eps)
-                keep = prune_keep_naive(S, fb.p) if fb.pruning else None
-                a_new = adapted_attention_naive(S, keep, fb.lam)
-                a_new_full = embed_cls(a_new) if has_cls else a_new
-                if fb.ensemble:
-                    attns = [ensemble_matrix(a_new_full, A0h) for A0h in a0]
-                else:
-                    attns = [a_new_full for _ in range(H)]
-                out = logits_of(attns)
-                info.update(Z=Z, U=U, Pi=pi, S=S, keep=keep, A_new=a_new, A_fsa=attns)
-            if has_cls:
-                out = out.T.reshape(K, gh, gw)
-            else:
-                out = out.T.reshape(K, I, J)
-            results.append(out)
+                    A_u = torch.full((Lp, Lp), 1.0 / Lp, dtype=DT)  # a real uniform matrix
+                    U = fb.isolation_scale * logits_of(lb, [A_u for _ in range(H)])
+                out, passes = feedback_passes(fb, visual, method, opts, (gh, gw), proxy_one, entering, captured,
+                                              sup, fus, c_proj, lb, logits_of, base, U)
+                info.update({k: v for k, v in passes[-1].items() if k != "blocks"}, U=U, passes=passes)
+            results.append(out.T.reshape(K, *lb.out_grid))
             details.append(info)
         res = torch.stack(results, dim=0)
     return (res, details) if return_details else res

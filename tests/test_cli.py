@@ -5,7 +5,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 from PIL import Image
 
 from fsa import cli
+from fsa.bench_startup import closed_port_endpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,17 +29,21 @@ def _shares(stdout: str) -> dict[str, float]:
     return {m.group(1).strip(): float(m.group(2)) for m in re.finditer(r"^(\S.*?)\s+([\d.]+) %$", stdout, re.M)}
 
 
-def _run(args: list[str], env_update: dict[str, str], drop=()) -> tuple[subprocess.CompletedProcess, float]:
+#: Hang guard of a `python -m fsa` subprocess: far above its normal 4-5 s on a loaded 2-core machine (the times
+#: are measured by `python -m fsa bench --startup`, not asserted here).
+HANG_GUARD_S = 300
+
+
+def _run(args: list[str], env_update: dict[str, str], drop=()) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(PYTHONPATH=str(REPO), **env_update)
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "fsa", *args], env=env, capture_output=True, text=True, timeout=120)
-    return proc, time.perf_counter() - start
+    return subprocess.run([sys.executable, "-m", "fsa", *args], env=env, capture_output=True, text=True,
+                          timeout=HANG_GUARD_S)
 
 
 def test_segment_subprocess_tiny_model(image_path, tmp_path):
     out = tmp_path / "mask.png"
-    proc, _ = _run(["segment", str(image_path), "--classes", "cat; kitten, sofa", "--short-side", "64",
+    proc = _run(["segment", str(image_path), "--classes", "cat; kitten, sofa", "--short-side", "64",
                     "--out", str(out)], {"FSA_MODEL": "tiny-test"})
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -52,15 +56,18 @@ def test_segment_subprocess_tiny_model(image_path, tmp_path):
     assert re.search(r"timings: .*total [\d.]+ s", proc.stdout)
 
 
-def test_segment_offline_fails_fast_in_one_line(image_path, tmp_path):
-    proc, seconds = _run(["segment", str(image_path), "--classes", "cat", "--out", str(tmp_path / "m.png")],
-                         {"FSA_MODEL": "ViT-B-16", "HF_HOME": str(tmp_path / "empty-hf")},
-                         drop=("HF_HUB_OFFLINE", "FSA_CHECKPOINT", "HF_HUB_CACHE"))
+def test_segment_offline_fails_in_one_line_without_a_download(image_path, tmp_path):
+    """Weights not cached and the hub unreachable (HF_ENDPOINT a closed local port, wherever the suite runs):
+    one line naming the fixes, from the reachability probe, not from a download's retries."""
+    proxies = tuple(k for k in os.environ if k.lower().endswith("_proxy"))
+    proc = _run(["segment", str(image_path), "--classes", "cat", "--out", str(tmp_path / "m.png")],
+                {"FSA_MODEL": "ViT-B-16", "HF_HOME": str(tmp_path / "empty-hf"), "HF_ENDPOINT": closed_port_endpoint()},
+                drop=("HF_HUB_OFFLINE", "FSA_CHECKPOINT", "HF_HUB_CACHE", *proxies))
     assert proc.returncode == 1
-    assert seconds < 20
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fsa: error: ViT-B-16 CLIP weights"), proc.stderr
+    assert "is unreachable" in lines[0] and "downloading" not in lines[0]
     for fix in ("hf download timm/vit_base_patch16_clip_224.openai", "--checkpoint", "FSA_MODEL=tiny-test"):
         assert fix in lines[0]
     assert not (tmp_path / "m.png").exists()
@@ -167,14 +174,13 @@ def test_output_formats_that_are_suggested_are_writable(suffix, tmp_path):
     assert Image.open(out).size == (4, 4)
 
 
-def test_bad_value_subprocess_is_fast_and_one_line(image_path, tmp_path):
-    """The whole process, as a user runs it: no model loads, so it ends in import time."""
-    proc, seconds = _run(["segment", str(image_path), "--classes", "cat", "--lam", "nan",
-                          "--out", str(tmp_path / "m.png")], {"FSA_MODEL": "ViT-B-16"})
+def test_bad_value_subprocess_fails_in_one_line_before_any_model_loads(image_path, tmp_path):
+    """The whole process, as a user runs it: the value is checked before any model is looked for."""
+    proc = _run(["segment", str(image_path), "--classes", "cat", "--lam", "nan",
+                 "--out", str(tmp_path / "m.png")], {"FSA_MODEL": "ViT-B-16"})
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.startswith("fsa: error: --lam: FeedbackConfig.lam") and proc.stderr.count("\n") == 1
-    assert "weights" not in proc.stderr  # ViT-B-16 was never looked for
-    assert seconds < 60  # generous for a loaded machine; a model load offline would name the weights above
+    assert "weights" not in proc.stderr  # ViT-B-16 was never looked for (a model load offline would name them)
 
 
 def test_offline_hint_does_not_suggest_what_is_already_set(image_path, tmp_path, capsys, monkeypatch):
@@ -256,3 +262,13 @@ def test_bench_is_dispatched(monkeypatch):
     monkeypatch.setattr(fsa.bench, "main", lambda argv: seen.append(argv) or 7)
     assert cli.main(["bench", "--quick", "--repeats", "1"]) == 7
     assert seen == [["--quick", "--repeats", "1"]]
+
+
+def test_bench_startup_is_dispatched(monkeypatch):
+    import fsa.bench
+    import fsa.bench_startup
+
+    seen = []
+    monkeypatch.setattr(fsa.bench_startup, "main", lambda repeats, machine: seen.append((repeats, machine)) or 0)
+    assert fsa.bench.main(["--startup", "--repeats", "2"]) == 0
+    assert [r for r, _ in seen] == [2] and "CPU" in seen[0][1]

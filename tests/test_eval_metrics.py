@@ -4,29 +4,9 @@ import math
 import numpy as np
 import pytest
 
+from _confusion import confusion, reference_scores
 from fsa.evaluation.metrics import area_stats, scores
 from fsa.evaluation.presets import BENCHMARK_ORDER, published_preset, with_overrides
-
-
-def _confusion(preds, labels, c):
-    """Confusion matrix over every image, pixel by pixel (label row, prediction column), 255 ignored."""
-    m = np.zeros((c, c), dtype=np.int64)
-    for pred, label in zip(preds, labels):
-        for p, t in zip(pred.ravel(), label.ravel()):
-            if t != 255:
-                m[t, p] += 1
-    return m
-
-
-def _reference_scores(m):
-    inter = np.diag(m).astype(float)
-    union = m.sum(0) + m.sum(1) - inter
-    iou = [inter[i] / union[i] if union[i] > 0 else math.nan for i in range(len(m))]
-    acc = [inter[i] / m.sum(1)[i] if m.sum(1)[i] > 0 else math.nan for i in range(len(m))]
-    valid_iou = [v for v in iou if not math.isnan(v)]
-    valid_acc = [v for v in acc if not math.isnan(v)]
-    return (100 * sum(valid_iou) / len(valid_iou), 100 * inter.sum() / m.sum(), 100 * sum(valid_acc) / len(valid_acc),
-            iou)
 
 
 def test_scores_equal_the_confusion_matrix_over_the_split():
@@ -41,10 +21,10 @@ def test_scores_equal_the_confusion_matrix_over_the_split():
         labels.append(label)
     total = sum(area_stats(p, t, c) for p, t in zip(preds, labels))
     got = scores(total)
-    miou, aacc, macc, iou = _reference_scores(_confusion(preds, labels, c))
+    miou, aacc, macc, iou = reference_scores(confusion(preds, labels, c))
     assert got.miou == pytest.approx(miou) and got.aacc == pytest.approx(aacc) and got.macc == pytest.approx(macc)
     assert got.iou[4] == 0.0 and math.isnan(got.iou[5])
-    assert np.allclose([v / 100 for v in got.iou[:5]], iou[:5])
+    assert np.allclose(got.iou[:5], iou[:5])
     # per image means would differ: the split's areas are summed first
     per_image = np.nanmean([scores(area_stats(p, t, c)).miou for p, t in zip(preds, labels)])
     assert abs(per_image - got.miou) > 1e-6

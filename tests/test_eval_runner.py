@@ -1,23 +1,16 @@
 """The evaluation harness end to end on generated datasets and the tiny model."""
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import fsa
+from _confusion import confusion, reference_scores
 from fsa.evaluation import datasets
 from fsa.evaluation.records import RecordError
-from fsa.evaluation.runner import EvalConfig, Evaluator, evaluate
-from tests._eval_data import FAST, SMALL_SIZES, make_dataset, same_scores
-
-REPO = Path(__file__).resolve().parents[1]
-
+from fsa.evaluation.runner import Evaluator, evaluate
+from tests._eval_data import FAST, SMALL_SIZES, make_dataset, run_cli, same_scores
 
 @pytest.fixture(scope="module")
 def cache():
@@ -32,17 +25,6 @@ def voc(tmp_path_factory):
     return root, truth
 
 
-def _confusion_miou(preds, labels, c):
-    m = np.zeros((c, c), dtype=np.int64)
-    for p, t in zip(preds, labels):
-        valid = t != 255
-        np.add.at(m, (t[valid].astype(int), p[valid].astype(int)), 1)
-    inter = np.diag(m).astype(float)
-    union = m.sum(0) + m.sum(1) - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return float(np.nanmean(inter / union) * 100)
-
-
 @pytest.mark.parametrize("method", ["clearclip", "sclip", "proxyclip"])
 def test_saved_predictions_rescored_give_the_reported_numbers(voc, tmp_path, cache, method):
     root, truth = voc
@@ -52,7 +34,8 @@ def test_saved_predictions_rescored_give_the_reported_numbers(voc, tmp_path, cac
     for key, scores in (("baseline", res.baseline), ("fsa", res.fsa)):
         preds = [np.array(Image.open(tmp_path / "pred" / key / f"{i}.png")) for i, _ in truth]
         assert all(p.shape == t.shape for p, (_, t) in zip(preds, truth))  # original size, single channel
-        assert scores.miou == pytest.approx(_confusion_miou(preds, [t for _, t in truth], 21), abs=1e-9)
+        assert scores.miou == pytest.approx(reference_scores(confusion(preds, [t for _, t in truth], 21))[0],
+                                            abs=1e-9)
     saved = json.loads((tmp_path / "out" / "result.json").read_text())
     assert saved["images"] == 4 and saved["baseline"]["mIoU"] == round(res.baseline.miou, 2)
     assert set(saved["fsa"]["per_class"]) == set(datasets.class_names(datasets.get_benchmark("voc21")))
@@ -80,20 +63,35 @@ def test_probability_threshold_only_where_there_is_a_background(voc, cache):
     voc21 = evaluate("voc21", root, "clearclip", cache=cache, fsa=False, prob_thd=0.99, **FAST)
     # the tiny model is never 99 % sure: every pixel becomes background (0), so only class 0 has area
     assert voc21.baseline.iou[1:] == tuple(0.0 if not np.isnan(v) else v for v in voc21.baseline.iou[1:])
+    # ClearCLIP's VOC21 preset already has prob_thd=0.5 (all background with the tiny model too), so the
+    # 0.99 run alone would pass with the argument ignored: with 0.0, other classes get area and score
+    none = evaluate("voc21", root, "clearclip", cache=cache, fsa=False, prob_thd=0.0, **FAST)
+    assert not same_scores(none.baseline, voc21.baseline)
+    assert sum(v > 0 for v in none.baseline.iou[1:]) >= 2, none.baseline.iou
 
 
-def test_resume_after_a_kill_equals_an_uninterrupted_run(voc, tmp_path, cache, monkeypatch):
+#: A sweep of four FSA settings, for the runs that score a grid instead of one setting.
+SWEEP = (("lam", (1, 5)), ("similarity", ("kl", "js")))
+
+
+@pytest.mark.parametrize("sweep", [(), SWEEP], ids=["one_setting", "sweep"])
+def test_resume_after_a_kill_equals_an_uninterrupted_run(voc, tmp_path, cache, monkeypatch, sweep):
     root, _ = voc
-    full = evaluate("voc21", root, "naclip", cache=cache, **FAST)
+
+    def run(**kw):
+        return evaluate("voc21", root, "naclip", cache=cache, **{"sweep": sweep, **FAST, **kw})
+
+    full = run()
 
     def stop_after_two(done, total, image_id):
         if done == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        evaluate("voc21", root, "naclip", cache=cache, output=tmp_path, on_image=stop_after_two, **FAST)
+        run(output=tmp_path, on_image=stop_after_two)
     part = next((tmp_path / "records").glob("*.jsonl"))
-    assert len(part.read_text().splitlines()) == 2
+    lines = [json.loads(line) for line in part.read_text().splitlines()]
+    assert len(lines) == 2 and all(set(r) == {"id", "baseline", *(full.sweep or ["fsa"])} for r in lines), lines
     with open(part, "a") as handle:
         handle.write('{"id": "torn by a kill", "baseline": [[1, 2')  # a write cut short
     computed = []
@@ -104,11 +102,21 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(voc, tmp_path, cache, m
         return real(self, rgb, *args)
 
     monkeypatch.setattr(Evaluator, "predict", counting)
-    resumed = evaluate("voc21", root, "naclip", cache=cache, output=tmp_path, resume=True, **FAST)
+    resumed = run(output=tmp_path, resume=True)
     assert len(computed) == 2  # only the two images the killed run had not scored
-    assert same_scores(resumed.baseline, full.baseline) and same_scores(resumed.fsa, full.fsa) and resumed.images == 4
-    with pytest.raises(RecordError, match="other settings"):
-        evaluate("voc21", root, "naclip", cache=cache, output=tmp_path, resume=True, p=0.3, **FAST)
+    assert resumed.images == 4 and same_scores(resumed.baseline, full.baseline)
+    if not sweep:
+        assert same_scores(resumed.fsa, full.fsa)
+        with pytest.raises(RecordError, match="other settings"):
+            run(output=tmp_path, resume=True, p=0.3)
+        return
+    assert resumed.sweep.keys() == full.sweep.keys() and all(same_scores(resumed.sweep[k], full.sweep[k])
+                                                             for k in full.sweep)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert [row["key"] for row in saved["sweep"]] == list(full.sweep)
+    for other in ((("lam", (1, 5)),), (("lam", (1, 5)), ("similarity", ("kl", "sym_kl"))), ()):
+        with pytest.raises(RecordError, match="sweep"):
+            run(output=tmp_path, resume=True, sweep=other)
 
 
 def test_bad_data_stops_with_the_file_name_or_is_skipped(tmp_path, cache):
@@ -130,43 +138,12 @@ def test_missing_data_names_the_expected_path(tmp_path):
         evaluate("voc21", tmp_path, "clearclip", **FAST)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cli(args, env=None, torchrun=0):
-    env = {**os.environ, "FSA_MODEL": "tiny-test", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    prefix = [sys.executable, "-m", "fsa"] if not torchrun else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", f"--master_port={_free_port()}",
-        "-m", "fsa"]
-    return subprocess.run(prefix + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-
-
-def test_two_gloo_processes_under_torchrun_equal_one_process(voc, tmp_path):
-    root, _ = voc
-    common = ["evaluate", "voc21", "--data-root", str(root), "--method", "clearclip", "--short-side", "64",
-              "--no-progress"]
-    one = _cli(common + ["--json", str(tmp_path / "one.json"), "--output", str(tmp_path / "o1")])
-    assert one.returncode == 0, one.stderr
-    assert "mIoU" in one.stdout and "random weights" in one.stdout
-    two = _cli(common + ["--json", str(tmp_path / "two.json"), "--output", str(tmp_path / "o2")], torchrun=2)
-    assert two.returncode == 0, two.stderr
-    a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
-    assert a == b and a["images"] == 4
-    parts = sorted(p.name for p in (tmp_path / "o2" / "records").glob("*.jsonl"))
-    assert parts == ["part-0-of-2.jsonl", "part-1-of-2.jsonl"]  # each rank scored its own shard
-    lines = [json.loads(l)["id"] for p in parts for l in (tmp_path / "o2" / "records" / p).read_text().splitlines()]
-    assert sorted(lines) == sorted(i for i, _ in voc[1])  # every image exactly once
-
-
 def test_cli_errors_are_one_line(tmp_path):
-    out = _cli(["evaluate", "voc21", "--data-root", str(tmp_path), "--method", "clearclip"])
+    out = run_cli(["evaluate", "voc21", "--data-root", str(tmp_path), "--method", "clearclip"])
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "VOC2012" in out.stderr
-    out = _cli(["evaluate", "--all", "--data-root", str(tmp_path)])
+    out = run_cli(["evaluate", "--all", "--data-root", str(tmp_path)])
     assert out.returncode == 1 and "missing" in out.stderr and "ade" in out.stderr.lower()
-    out = _cli(["evaluate", "voc21", "--data-root", str(tmp_path), "--lam", "nan"])
+    out = run_cli(["evaluate", "voc21", "--data-root", str(tmp_path), "--lam", "nan"])
     assert out.returncode == 1
-    out = _cli(["evaluate", "--data-root", str(tmp_path)])
+    out = run_cli(["evaluate", "--data-root", str(tmp_path)])
     assert out.returncode == 2 and "BENCHMARK" in out.stderr

@@ -5,23 +5,18 @@
   the encoder run once (hooks);
 - `window_cosines(feedbacks=...)`: each key equal to its own call;
 - the evaluator: per-setting scores equal separate evaluations (also when FSA's preset has other
-  windows and another decision), one encoder pass per window for all settings, resume after a
-  kill, the settings fingerprint;
-- the command line: the ablation table (.md/.csv) against the JSON, torchrun = one process, and
-  one-line errors before any model loads.
+  windows and another decision), one encoder pass per window for all settings, the settings
+  fingerprint (resume after a kill, with and without a sweep: test_eval_runner);
+- the command line: the ablation table (.md/.csv) against the JSON, the suite's one torchrun run
+  (two gloo processes = one process, every image scored once), and one-line errors before any
+  model loads.
 """
 from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,15 +27,13 @@ from _fixtures_ref import deep_model, ref_inputs  # noqa: F401  (fixtures)
 import fsa
 import fsa.logits
 from fsa.config import FeedbackConfig, MethodOptions
-from fsa.evaluation import presets
-from fsa.evaluation.records import RecordError
+from fsa.evaluation import datasets, presets
 from fsa.evaluation.runner import EvalConfig, Evaluator, evaluate
 from fsa.evaluation.sweep import SweepError, normalize_sweep, parse_sweep_option, sweep_grid
 from fsa.inference import window_cosines
 from fsa.logits import compute_patch_logits, compute_sweep_logits
-from tests._eval_data import FAST, SMALL_SIZES, make_dataset, same_scores
+from tests._eval_data import FAST, SMALL_SIZES, make_dataset, run_cli, same_scores
 
-REPO = Path(__file__).resolve().parents[1]
 NOT_PROXY = tuple(m for m in fsa.METHODS if m != "proxyclip")
 
 
@@ -328,40 +321,6 @@ def test_fsa_preset_with_other_windows_and_decision(voc, cache, encoder_images, 
     assert not same_scores(plain.fsa, alone.fsa), "the FSA preset must matter in this test"
 
 
-def test_resume_a_sweep_after_a_kill(voc, tmp_path, cache, monkeypatch):
-    sweep = (("lam", (1, 5)), ("similarity", ("kl", "js")))
-    full = evaluate("voc21", voc, "naclip", cache=cache, sweep=sweep, **FAST)
-
-    def stop_after_two(done, total, image_id):
-        if done == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        evaluate("voc21", voc, "naclip", cache=cache, sweep=sweep, output=tmp_path, on_image=stop_after_two, **FAST)
-    part = next((tmp_path / "records").glob("*.jsonl"))
-    lines = [json.loads(line) for line in part.read_text().splitlines()]
-    assert len(lines) == 2 and all(set(r) == {"id", "baseline", *full.sweep} for r in lines)
-    with open(part, "a") as handle:
-        handle.write('{"id": "torn", "baseline": [[1')
-    computed = []
-    real = Evaluator.predict
-
-    def counting(self, rgb, *args):
-        computed.append(rgb.shape)
-        return real(self, rgb, *args)
-
-    monkeypatch.setattr(Evaluator, "predict", counting)
-    resumed = evaluate("voc21", voc, "naclip", cache=cache, sweep=sweep, output=tmp_path, resume=True, **FAST)
-    assert len(computed) == 2 and resumed.images == 4
-    assert same_scores(resumed.baseline, full.baseline) and resumed.sweep.keys() == full.sweep.keys()
-    assert all(same_scores(resumed.sweep[k], full.sweep[k]) for k in full.sweep)
-    saved = json.loads((tmp_path / "result.json").read_text())
-    assert [row["key"] for row in saved["sweep"]] == list(full.sweep)
-    for other in ((("lam", (1, 5)),), (("lam", (1, 5)), ("similarity", ("kl", "sym_kl"))), ()):
-        with pytest.raises(RecordError, match="sweep"):
-            evaluate("voc21", voc, "naclip", cache=cache, sweep=other, output=tmp_path, resume=True, **FAST)
-
-
 def test_blocks_outside_the_tower_fail_before_any_model_loads(voc):
     fresh = fsa.ModelCache()
     with pytest.raises(SweepError, match=r"fsa\[blocks=5\].*outside 1..4"):
@@ -375,25 +334,12 @@ def test_blocks_outside_the_tower_fail_before_any_model_loads(voc):
 # the command line
 # ---------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cli(args, torchrun=0):
-    env = {**os.environ, "FSA_MODEL": "tiny-test", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    prefix = [sys.executable, "-m", "fsa"] if not torchrun else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", f"--master_port={_free_port()}",
-        "-m", "fsa"]
-    return subprocess.run(prefix + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-
-
 def test_cli_writes_the_ablation_table_and_torchrun_agrees(voc, tmp_path):
     common = ["evaluate", "voc21", "--data-root", str(voc), "--method", "clearclip", "--short-side", "64",
               "--no-progress", "--sweep", "lam=1,5", "--sweep", "blocks=last,3+4"]
-    one = _cli(common + ["--json", str(tmp_path / "one.json"), "--output", str(tmp_path / "o1")])
+    one = run_cli(common + ["--json", str(tmp_path / "one.json"), "--output", str(tmp_path / "o1")])
     assert one.returncode == 0, one.stderr
+    assert "mIoU" in one.stdout and "random weights" in one.stdout
     data = json.loads((tmp_path / "one.json").read_text())
     keys = ["fsa[lam=1,blocks=last]", "fsa[lam=1,blocks=3+4]", "fsa[lam=5,blocks=last]", "fsa[lam=5,blocks=3+4]"]
     assert [row["key"] for row in data["sweep"]] == keys
@@ -420,12 +366,14 @@ def test_cli_writes_the_ablation_table_and_torchrun_agrees(voc, tmp_path):
         assert float(record["delta_mIoU"]) == pytest.approx(float(record["mIoU"]) - base, abs=1e-12)
         assert record["beyond_paper"] == str(row["beyond_paper"])
 
-    two = _cli(common + ["--json", str(tmp_path / "two.json"), "--output", str(tmp_path / "o2")], torchrun=2)
+    two = run_cli(common + ["--json", str(tmp_path / "two.json"), "--output", str(tmp_path / "o2")], torchrun=2)
     assert two.returncode == 0, two.stderr
     assert json.loads((tmp_path / "two.json").read_text()) == data
     assert (tmp_path / "o2" / "ablation.md").read_text() == table
     parts = sorted(p.name for p in (tmp_path / "o2" / "records").glob("*.jsonl"))
-    assert parts == ["part-0-of-2.jsonl", "part-1-of-2.jsonl"]
+    assert parts == ["part-0-of-2.jsonl", "part-1-of-2.jsonl"]  # each rank scored its own shard
+    ids = [json.loads(line)["id"] for p in parts for line in (tmp_path / "o2" / "records" / p).read_text().splitlines()]
+    assert sorted(ids) == sorted(s.id for s in datasets.list_samples(datasets.get_benchmark("voc21"), voc))
 
 
 @pytest.mark.parametrize("args,match", [
@@ -457,5 +405,5 @@ def test_cli_sweep_errors_are_one_line_before_any_model_loads(tmp_path, capsys, 
 
 
 def test_cli_sweep_error_in_a_real_process(tmp_path):
-    out = _cli(["evaluate", "voc21", "--data-root", str(tmp_path), "--sweep", "iterations=two"])
+    out = run_cli(["evaluate", "voc21", "--data-root", str(tmp_path), "--sweep", "iterations=two"])
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "iterations" in out.stderr, out.stderr

@@ -17,14 +17,9 @@ import torch
 
 import reference as R
 from _fixtures_ref import _single_thread  # noqa: F401  (autouse fixture)
-from _fixtures_ref import DT, fsa_or_skip, max_abs, record
+from _fixtures_ref import DT, max_abs, record
 
-
-def _feedback():
-    fsa_or_skip()
-    import fsa.feedback as fb
-
-    return fb
+import fsa.feedback as fb
 
 
 def _pi(B, N, K, scale, seed, zeros=False):
@@ -52,7 +47,6 @@ def _sim(B, N, seed):
 @pytest.mark.parametrize("B,N,K,scale", [(1, 49, 7, 10.0), (2, 40, 5, 20.0), (1, 81, 7, 35.0), (2, 12, 150, 3.0)])
 @pytest.mark.parametrize("eps", [1e-10, 1e-6])
 def test_output_similarity_vs_kl_tensor(B, N, K, scale, eps):
-    fb = _feedback()
     pi = _pi(B, N, K, scale, seed=N + K)
     got = fb.output_similarity(pi, eps)
     assert got.shape == (B, N, N) and got.dtype == DT
@@ -62,7 +56,6 @@ def test_output_similarity_vs_kl_tensor(B, N, K, scale, eps):
 
 
 def test_output_similarity_properties():
-    fb = _feedback()
     pi = _pi(2, 30, 6, 25.0, seed=3, zeros=True)
     S = fb.output_similarity(pi, 1e-10)
     assert torch.isfinite(S).all()
@@ -83,7 +76,6 @@ def test_output_similarity_properties():
 
 def test_output_similarity_eps_changes_result():
     """ε is not a cosmetic guard: it changes Ŝ measurably for confident Π (method.md §3.3)."""
-    fb = _feedback()
     pi = _pi(1, 30, 7, 40.0, seed=5)
     a, b = fb.output_similarity(pi, 1e-10), fb.output_similarity(pi, 1e-30)
     assert max_abs(a, b) > 1e-3
@@ -91,7 +83,6 @@ def test_output_similarity_eps_changes_result():
 
 def test_output_similarity_float32_close():
     """In float32 the efficient form stays close to the float64 naive one (ε survives in fp32)."""
-    fb = _feedback()
     pi = _pi(1, 49, 7, 20.0, seed=7)
     got = fb.output_similarity(pi.float(), 1e-10)
     want = R.output_similarity_naive(pi[0], 1e-10)
@@ -106,7 +97,6 @@ def test_output_similarity_float32_close():
 @pytest.mark.parametrize("p", [0.01, 0.05, 0.2, 0.45, 0.9, 1.0])
 @pytest.mark.parametrize("B,N", [(1, 49), (2, 40), (1, 7)])
 def test_prune_top_p_vs_loop(B, N, p):
-    fb = _feedback()
     sim = _sim(B, N, seed=N)
     got = fb.prune_top_p(sim, p)
     assert got.dtype == torch.bool and got.shape == (B, N, N)
@@ -121,7 +111,6 @@ def test_prune_top_p_vs_loop(B, N, p):
 
 def test_prune_top_p_on_real_similarities(golden_model, golden):
     """On Ŝ of the golden FSA run, pruning keeps roughly a third to 45 % of each row."""
-    fb = _feedback()
     import torch as _t
     out, det = R.reference_patch_logits(golden_model, _t.from_numpy(golden["pixels"]), _t.from_numpy(golden["text"]),
                                         "proxyclip", feedback=R.RefFeedback(),
@@ -136,7 +125,6 @@ def test_prune_top_p_on_real_similarities(golden_model, golden):
 @pytest.mark.parametrize("lam", [0.0, 2.3, 3.0, 4.5])
 @pytest.mark.parametrize("pruned", [True, False])
 def test_adapted_attention(lam, pruned):
-    fb = _feedback()
     sim = _sim(2, 40, seed=11)
     keep = fb.prune_top_p(sim, 0.45) if pruned else None
     got = fb.adapted_attention(sim, keep, lam)
@@ -180,7 +168,6 @@ def _explicit_ensemble(a_new, a0, v, cls_token, ensemble=True):
 @pytest.mark.parametrize("cls_token", [True, False])
 @pytest.mark.parametrize("a0_kind", ["per_head", "shared", "identity", "sclip_rows2"])
 def test_ensemble_apply_vs_explicit(cls_token, a0_kind):
-    fb = _feedback()
     B, H, N, d = 2, 4, 40, 16
     M = N + 1 if cls_token else N
     a_new = fb.adapted_attention(_sim(B, N, seed=1), fb.prune_top_p(_sim(B, N, seed=1), 0.45), 3.0)
@@ -205,9 +192,6 @@ def test_ensemble_apply_vs_explicit(cls_token, a0_kind):
 
 @pytest.mark.parametrize("cls_token", [True, False])
 def test_apply_new_vs_explicit(cls_token):
-    fb = _feedback()
-    if not hasattr(fb, "apply_new"):
-        pytest.skip("no fsa.feedback.apply_new")
     B, H, N, d = 2, 3, 24, 8
     M = N + 1 if cls_token else N
     a_new = fb.adapted_attention(_sim(B, N, seed=8), None, 3.0)

@@ -13,9 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fsa
 import reference as R
 from _fixtures_ref import _single_thread  # noqa: F401  (autouse fixture)
-from _fixtures_ref import GOLDEN_TOL, feedback_cfg, fsa_or_skip, max_abs, record, state_snapshot, \
+from _fixtures_ref import GOLDEN_TOL, feedback_cfg, max_abs, record, state_snapshot, \
     assert_state_unchanged
 
 #: golden key -> (method, FeedbackConfig kwargs or None)
@@ -60,7 +61,6 @@ def test_reference_matches_golden(golden, golden_model, key):
 
 @pytest.mark.parametrize("key", list(CASES))
 def test_fsa_matches_golden(golden, golden_model, key):
-    fsa = fsa_or_skip()
     method, fb = CASES[key]
     pixels, text, proxy = _golden_inputs(golden)
     snap = state_snapshot(golden_model)
@@ -107,7 +107,7 @@ MISREADINGS = {
     # name: (attribute of reference.py to replace, replacement, golden key)
     "pos_embed_resized_by_size": ("interpolated_pos_embed", _pe_by_size, "clearclip"),
     "prune_keeps_first_crossing": ("prune_keep_naive", _prune_keep_first_crossing, "proxyclip_fsa_lam3.0"),
-    "no_eps_in_log": ("output_similarity_naive", lambda pi, eps: _ORIG_OUTPUT_SIMILARITY(pi, 1e-300),
+    "no_eps_in_log": ("output_similarity_naive", lambda pi, eps, kind="kl": _ORIG_OUTPUT_SIMILARITY(pi, 1e-300, kind),
                       "proxyclip_fsa_lam3.0"),
 }
 

@@ -104,11 +104,21 @@ def test_files(tmp_path):
 
 
 def test_exif_orientation_is_applied(tmp_path):
-    image = Image.new("RGB", (4, 2), (255, 0, 0))
+    """Four differently coloured quadrants tell the clockwise rotation from the counter-clockwise one and from
+    a transposition (a plain image cannot)."""
+    rgb = np.zeros((16, 32, 3), np.uint8)  # stored 32 wide, 16 high
+    rgb[:8, :16], rgb[:8, 16:], rgb[8:, :16], rgb[8:, 16:] = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90° clockwise to view"
-    image.save(tmp_path / "photo.jpg", exif=exif)
-    assert to_rgb_uint8(tmp_path / "photo.jpg").shape == (4, 2, 3)
+    Image.fromarray(rgb).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    got = to_rgb_uint8(tmp_path / "photo.jpg").astype(int)
+    assert got.shape == (32, 16, 3)
+
+    def error(want):  # mean abs difference; JPEG blurs the quadrant edges a little
+        return np.abs(got - want.astype(int)).mean()
+
+    assert error(np.rot90(rgb, k=-1)) < 10  # clockwise: blue top-left, red top-right
+    assert min(error(np.rot90(rgb, k=1)), error(rgb.transpose(1, 0, 2))) > 60
 
 
 def test_limit_size_downscales_with_a_note():

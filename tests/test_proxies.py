@@ -273,7 +273,7 @@ def test_features_from_clip_pixels_keeps_model_dtype():
     out = proxy.features_from_clip_pixels(pixels)
     assert out.dtype == torch.float16 and out.shape == (1, 32, 4, 6)
     ref = ProxyModel("tiny-test", tiny_test_proxy().eval(), device=CPU, is_test_model=True)
-    torch.testing.assert_close(out.float(), ref.features_from_clip_pixels(pixels), rtol=0, atol=0.05)
+    torch.testing.assert_close(out.float(), ref.features_from_clip_pixels(pixels), rtol=0, atol=5e-3)  # measured 2.5e-3
 
 
 def test_features_from_clip_pixels_rejects_bad_input(proxy):

@@ -18,7 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer_sam import VisionTransformerSAM
 
 from _golden import load_golden
-from fsa.backbones import WeightsUnavailableError
+from fsa.hub import WeightsUnavailableError
 from fsa.config import PROXIES, TINY_PROXIES, default_lambda
 from fsa.proxies import (
     ProxyModel,

@@ -11,10 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fsa
 import reference as R
-from _fixtures_ref import (DT, INPUT_NAMES, TOL, assert_state_unchanged, feedback_cfg, fsa_or_skip,
+from _fixtures_ref import (DT, INPUT_NAMES, TOL, assert_state_unchanged, feedback_cfg,
                            max_abs, method_options, record, run_fsa, run_ref, state_snapshot)
 from _fixtures_ref import _single_thread, deep_model, ref_inputs  # noqa: F401  (fixtures)
+from fsa.attention import baseline_attention
 
 METHODS = ("vanilla", "maskclip", "sclip", "clearclip", "naclip", "proxyclip", "gclip")
 
@@ -130,7 +132,6 @@ def test_reference_attention_row_sums(golden_model, ref_inputs, method):
 # ---------------------------------------------------------------------------------------------
 
 def _compare(model, inp, method, fb_kw=None, opt_kw=None, tag=""):
-    fsa = fsa_or_skip()
     fb_fsa, fb_ref = feedback_cfg(**fb_kw) if fb_kw is not None else (None, None)
     opt_fsa, opt_ref = method_options(**(opt_kw or {}))
     snap = state_snapshot(model)
@@ -235,7 +236,6 @@ def test_gclip_switches_matter(golden_model, ref_inputs):
 
 def test_gclip_default_blocks_golden_model(golden_model, ref_inputs):
     """4-block model: defaults scaled from 12 are suppression (3, 4), fusion (2, 3)."""
-    fsa = fsa_or_skip()
     inp = ref_inputs["golden"]
     opt_default, _ = method_options()
     _, ref_explicit = method_options(suppression_blocks=(3, 4), fusion_blocks=(2, 3))
@@ -247,7 +247,6 @@ def test_gclip_default_blocks_golden_model(golden_model, ref_inputs):
 @pytest.mark.parametrize("fb", [None, {}], ids=["baseline", "fsa"])
 def test_gclip_default_blocks_depth12(deep_model, ref_inputs, fb):
     """12-block model: defaults are suppression 8..12, fusion (7, 8); also options=None."""
-    fsa = fsa_or_skip()
     inp = ref_inputs["nonsquare"]
     fb_fsa, fb_ref = feedback_cfg(**fb) if fb is not None else (None, None)
     _, ref_explicit = method_options(suppression_blocks=tuple(range(8, 13)), fusion_blocks=(7, 8))
@@ -274,7 +273,6 @@ def test_deep_quickgelu_model(deep_model, ref_inputs, method, fb):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_feedback_none_is_baseline_bit_for_bit(golden_model, ref_inputs, method):
-    fsa = fsa_or_skip()
     for name in ("golden", "nonsquare", "batch2"):
         inp = ref_inputs[name]
         proxy = inp.proxy if method == "proxyclip" else None
@@ -300,7 +298,6 @@ def test_all_components_off_runs_and_is_not_baseline(golden_model, ref_inputs, m
 def test_p1_equals_pruning_off(golden_model, ref_inputs, method):
     """p = 1 (allowed by FeedbackConfig) keeps every entry, i.e. it is pruning off; float rounding
     of cumsum(w) must not prune the smallest entries."""
-    fsa = fsa_or_skip()
     for name in ("golden", "nonsquare", "batch2"):
         inp = ref_inputs[name]
         a = run_fsa(fsa, golden_model, inp, method, feedback_cfg(p=1.0)[0])
@@ -311,7 +308,6 @@ def test_p1_equals_pruning_off(golden_model, ref_inputs, method):
 
 def test_maskclip_ensemble_is_a_new(golden_model, ref_inputs):
     """MaskCLIP: A0 = I, so A_ens = A_new exactly; ensemble on/off agree."""
-    fsa = fsa_or_skip()
     inp = ref_inputs["nonsquare"]
     on = run_fsa(fsa, golden_model, inp, "maskclip", feedback_cfg()[0])
     off = run_fsa(fsa, golden_model, inp, "maskclip", feedback_cfg(ensemble=False)[0])
@@ -322,7 +318,6 @@ def test_maskclip_ensemble_is_a_new(golden_model, ref_inputs):
 @pytest.mark.parametrize("fb", [None, {}], ids=["baseline", "fsa"])
 def test_batch_equals_single_images(golden_model, ref_inputs, method, fb):
     """Each image of a batch is computed on its own (e.g. ProxyCLIP's mean(Ŝ) is per image)."""
-    fsa = fsa_or_skip()
     inp = ref_inputs["batch2"]
     fb_fsa = feedback_cfg(**fb)[0] if fb is not None else None
     with torch.no_grad():
@@ -335,13 +330,8 @@ def test_batch_equals_single_images(golden_model, ref_inputs, method, fb):
 
 
 def test_baseline_attention_helper_row_sums(golden_model, ref_inputs):
-    """fsa.attention.baseline_attention (if the lead exposes it) against the reference's A0 on the
+    """fsa.attention.baseline_attention against the reference's A0 on the
     last block's real q, k, v: rows sum to 1 (2 for SCLIP), CLS conventions, identity for MaskCLIP."""
-    fsa_or_skip()
-    try:
-        from fsa.attention import baseline_attention
-    except ImportError:
-        pytest.skip("no fsa.attention.baseline_attention")
     inp = ref_inputs["nonsquare"]
     opts = method_options()[0]
     for method in ("vanilla", "maskclip", "sclip", "clearclip", "naclip", "proxyclip"):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _confusion import confusion, reference_scores
 from fsa import SegmentationResult
 from fsa import visualize as viz
 from fsa.scoring import read_reference_mask, score_against
@@ -138,26 +139,6 @@ def test_unreadable_and_unsupported_masks(tmp_path):
 
 
 # --------------------------------------------------------------------------- scoring
-def _confusion(pred, label, c):
-    """label row, prediction column; 255 ignored; pixel by pixel."""
-    m = np.zeros((c, c), dtype=np.int64)
-    for p, t in zip(pred.ravel(), label.ravel()):
-        if t != 255:
-            m[t, p] += 1
-    return m
-
-
-def _expected(m):
-    """(mIoU, aAcc, mAcc, per-class IoU) in %, NaN for a class with an empty union."""
-    inter = np.diag(m).astype(float)
-    pred, true = m.sum(0), m.sum(1)
-    iou = [100 * inter[i] / (pred[i] + true[i] - inter[i]) if pred[i] + true[i] > 0 else math.nan
-           for i in range(len(m))]
-    acc = [100 * inter[i] / true[i] for i in range(len(m)) if true[i] > 0]
-    valid = [v for v in iou if not math.isnan(v)]
-    return sum(valid) / len(valid), 100 * inter.sum() / m.sum(), sum(acc) / len(acc), iou
-
-
 def test_scores_equal_an_independent_confusion_matrix():
     rng = np.random.default_rng(8)
     names = NAMES + ["lamp"]  # class 4: in no reference and no baseline prediction → n/a for the baseline
@@ -168,7 +149,7 @@ def test_scores_equal_an_independent_confusion_matrix():
     fsa_labels[fsa_labels == 255] = 0
     report = score_against(_result(base, names), _result(fsa_labels, names, fsa_enabled=True), reference)
     for got, labels in ((report.baseline, base), (report.fsa, fsa_labels)):
-        miou, aacc, macc, iou = _expected(_confusion(labels, reference, len(names)))
+        miou, aacc, macc, iou = reference_scores(confusion([labels], [reference], len(names)))
         assert got.miou == pytest.approx(miou) and got.aacc == pytest.approx(aacc) and got.macc == pytest.approx(macc)
         for g, e in zip(got.iou, iou):
             assert (math.isnan(g) and math.isnan(e)) or g == pytest.approx(e)

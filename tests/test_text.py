@@ -120,15 +120,39 @@ def test_empty_names(clip):
     assert out.shape == (0, 32)
 
 
-def test_threads_share_one_encoding(clip, counting):
+def test_threads_share_one_encoding(clip, counting, monkeypatch):
+    """Four threads ask for the same names at once. The encoder waits until all four have entered `encode` and,
+    for up to a second, for the others to reach the encoder too: without the cache's lock all four get there
+    (four encodings, however the threads are scheduled); with it the others wait for the first's result."""
     cache = TextFeatureCache()
-    outs = [None] * 4
-    threads = [threading.Thread(target=lambda i=i: outs.__setitem__(i, cache.encode(clip, ["cat", "dog"])))
-               for i in range(4)]
+    n = 4
+    state = threading.Condition()
+    entered, encoding = [0], [0]
+    counted = fsa.text.encode_prompts  # the `counting` fixture's wrapper
+
+    def overlapping_encode(model, tokens):
+        with state:
+            encoding[0] += 1
+            state.notify_all()
+            state.wait_for(lambda: entered[0] == n, timeout=60)  # every thread is inside encode()
+            state.wait_for(lambda: encoding[0] == n, timeout=1.0)  # and, without a lock, in the encoder
+        return counted(model, tokens)
+
+    monkeypatch.setattr(fsa.text, "encode_prompts", overlapping_encode)
+
+    def ask(i):
+        with state:
+            entered[0] += 1
+            state.notify_all()
+        outs[i] = cache.encode(clip, ["cat", "dog"])
+
+    outs = [None] * n
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
     assert counting == [160]
     assert all(torch.equal(o, outs[0]) for o in outs)
 
