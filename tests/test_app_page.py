@@ -117,7 +117,8 @@ def _segment(events, record, photo, vocabulary, fsa_on=True):
 def test_a_refused_run_keeps_the_last_masks_and_says_why_inline(events, photo):
     out = _segment(events, None, photo, "cup, table, background")
     base, fsa_mask, summary, record = out[:4]
-    assert base["value"].shape[1] == W and "segmentation mask" in base["alt_text"] and "patch grid" in summary
+    assert base["value"].shape == (H, W, 3) and "segmentation mask" in base["alt_text"] and "patch grid" in summary
+    assert fsa_mask["value"].shape == (H, W, 3)  # the legend is the HTML one beside the picture
     assert len(out) == 15 and "fsa-legend" in out[10] and "fsa-legend" in out[11]
     refused = _segment(events, record, photo, ", ".join(f"class {i}" for i in range(8)))
     assert len(refused) == 15

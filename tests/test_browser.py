@@ -90,6 +90,22 @@ def _upload(page, path: Path) -> None:
     page.locator("#image-input img").first.wait_for(state="visible")
 
 
+def _click_picture(page, selector: str, fx: float, fy: float) -> tuple[float, float]:
+    """Click the point at fractions (fx, fy) of the picture an <img> shows (an img element may letterbox its
+    picture: Gradio shows it with object-fit scale-down) → the page coordinates clicked."""
+    img = page.locator(selector).first
+    img.scroll_into_view_if_needed()
+    x0, y0, w, h = page.evaluate(
+        """(sel) => { const i = document.querySelector(sel), r = i.getBoundingClientRect();
+        let s = Math.min(r.width / i.naturalWidth, r.height / i.naturalHeight);
+        if (getComputedStyle(i).objectFit === 'scale-down') s = Math.min(1, s);
+        const w = i.naturalWidth * s, h = i.naturalHeight * s;
+        return [r.left + (r.width - w) / 2, r.top + (r.height - h) / 2, w, h]; }""", selector)
+    x, y = x0 + fx * w, y0 + fy * h
+    page.mouse.click(x, y)
+    return x, y
+
+
 def _img_src(page, elem_id: str) -> str:
     img = page.locator(f"#{elem_id} img").first
     img.wait_for(state="visible")
@@ -107,9 +123,7 @@ def test_segment_click_and_see_attention(page, shots):
     assert "patch grid" in page.locator("#run-info").inner_text()
     page.screenshot(path=str(shots / "1_masks.png"), full_page=True)
 
-    mask = page.locator("#mask-fsa img").first
-    box = mask.bounding_box()
-    mask.click(position={"x": box["width"] * 0.45, "y": box["height"] * 0.3})
+    _click_picture(page, "#mask-fsa img", 0.45, 0.3)
     original_src = _img_src(page, "attn-original")
     adapted_src = _img_src(page, "attn-adapted")
     assert original_src and adapted_src and original_src != adapted_src
@@ -122,9 +136,7 @@ def test_segment_click_and_see_attention(page, shots):
     page.screenshot(path=str(shots / "2_attention.png"), full_page=True)
 
     # a click on the input image picks another patch from the same cached pass
-    picture = page.locator("#image-input img").first
-    pbox = picture.bounding_box()
-    picture.click(position={"x": pbox["width"] * 0.9, "y": pbox["height"] * 0.9})
+    _click_picture(page, "#image-input img", 0.9, 0.9)
     page.wait_for_function(
         "([sel, old]) => document.querySelector(sel).innerText !== old", arg=["#attn-info", first_info])
     assert "Query patch" in info.inner_text() and info.inner_text() != first_info
@@ -138,8 +150,7 @@ def test_segment_click_and_see_attention(page, shots):
     page.locator("#steps-gallery").scroll_into_view_if_needed()
     page.screenshot(path=str(shots / "3_steps.png"), full_page=True)
     # ... and redrawn on a click while it is open
-    mask.scroll_into_view_if_needed()
-    mask.click(position={"x": box["width"] * 0.65, "y": box["height"] * 0.45})  # the picture, not its legend
+    _click_picture(page, "#mask-fsa img", 0.65, 0.45)
     page.wait_for_function(
         "([sel, old]) => document.querySelector(sel).innerText !== old", arg=["#steps-text", first_steps])
     assert "Pass 1 of 1" in steps_text.inner_text()
@@ -197,14 +208,15 @@ def test_results_and_attention_come_into_view(browser, url, shots, size):
         _settled(page, "#mask-row")
         _in_view(page, "#mask-baseline img")
         _in_view(page, "#mask-fsa img")
+        frame = page.locator("#mask-fsa button:has(img)").first
+        assert "inspect its patch" in (frame.get_attribute("aria-label") or "")  # a named button
         alt = page.locator("#mask-fsa img").first.get_attribute("alt") or ""
         assert "MaskCLIP" in alt and "largest classes" in alt
         assert page.locator("#legend-fsa li").count() == 3  # cat, floor, background (synonyms merged)
         page.screenshot(path=str(shots / f"{name}_1_masks.png"))
 
-        mask = page.locator("#mask-baseline img").first
-        box = mask.bounding_box()
-        mask.click(position={"x": box["width"] * 0.4, "y": box["height"] * 0.3})
+        click_x, click_y = _click_picture(page, "#mask-baseline img", 0.4, 0.3)
+        clicked_scroll = page.evaluate("window.scrollY")
         page.wait_for_function("() => document.querySelector('#attn-info').innerText.includes('Query patch')")
         _settled(page, "#attn-info")
         _in_view(page, "#attn-original img")
@@ -216,10 +228,9 @@ def test_results_and_attention_come_into_view(browser, url, shots, size):
             assert picture["x"] <= cx <= picture["x"] + picture["width"], elem_id
             assert picture["y"] <= cy <= picture["y"] + picture["height"], elem_id
         page.screenshot(path=str(shots / f"{name}_2_attention.png"))
-        # on the mask clicked, the marker sits where the click was (the img element may letterbox its picture)
+        # on the mask clicked, the marker sits where the click was (the page has scrolled since: shift by it)
         marker = page.locator("#mask-baseline .fsa-marker").first.bounding_box()
-        box = mask.bounding_box()
-        click_x, click_y = box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.3
+        click_y += clicked_scroll - page.evaluate("window.scrollY")
         assert abs(marker["x"] + marker["width"] / 2 - click_x) < 3
         assert abs(marker["y"] + marker["height"] / 2 - click_y) < 3
         page.screenshot(path=str(shots / f"{name}_2_attention.png"))
@@ -241,13 +252,13 @@ def test_results_and_attention_come_into_view(browser, url, shots, size):
         page.wait_for_function("() => document.querySelector('#run-info').innerText.includes('at most')")
         _settled(page, "#mask-row")
         _in_view(page, "#mask-fsa img")
+        _in_view(page, "#run-info")  # the reason, where the masks are
         assert page.locator("#mask-fsa img").first.get_attribute("src") == src
         assert "last run that worked" in page.locator("#run-info").inner_text()
         assert page.locator("#mask-row").get_by_text("Error", exact=True).count() == 0
         page.screenshot(path=str(shots / f"{name}_3_refused.png"))
         before = page.locator("#attn-info").inner_text()
-        box = mask.bounding_box()
-        mask.click(position={"x": box["width"] * 0.6, "y": box["height"] * 0.4})
+        _click_picture(page, "#mask-baseline img", 0.6, 0.4)
         page.wait_for_function("(old) => document.querySelector('#attn-info').innerText !== old", arg=before)
         assert "Traceback" not in page.content()
     finally:
@@ -277,9 +288,7 @@ def test_errors_are_messages_not_tracebacks(page, shots):
     page.locator("#run").click()
     _toast(page, "Upload an image first")
     _upload(page, REPO / "examples" / "chelsea_cat.jpg")
-    picture = page.locator("#image-input img").first
-    box = picture.bounding_box()
-    picture.click(position={"x": box["width"] / 2, "y": box["height"] / 2})
+    _click_picture(page, "#image-input img", 0.5, 0.5)
     _toast(page, "Run a segmentation first")
     assert "Segment" in page.locator("#attn-info").inner_text()  # said where the user looks, too
     assert page.get_by_text("Error", exact=True).count() == 0  # no bare Error badge on the panels

@@ -51,7 +51,11 @@ class PageEvents:
             return (gr.skip(), gr.skip(), failure_summary(title, message, record)) + (gr.skip(),) * 12
         base_img, fsa_img, summary, new_record, *cleared = out
         base_alt, fsa_alt, base_legend, fsa_legend = mask_companions(new_record)
-        base_alt["value"], fsa_alt["value"] = base_img, fsa_img
+        # the page shows the HTML legends beside the masks: the pictures without the legend drawn under them
+        # (API clients of /segment keep it)
+        h = new_record.image.shape[0]
+        base_alt["value"] = base_img[:h]
+        fsa_alt["value"] = None if fsa_img is None else fsa_img[:h]
         return (base_alt, fsa_alt, summary, new_record, *cleared, base_legend, fsa_legend, "", None, None)
 
     # -- clicks and patch inputs ---------------------------------------------------------------

@@ -87,6 +87,7 @@ body:not(.dark) { --block-info-text-color: #4b5563; --body-text-color-subdued: #
   #main-row { flex-direction: column; flex-wrap: nowrap; }
   #inputs-col { display: contents; }
   #results-col { order: 1; }
+  #mask-baseline, #mask-fsa { height: 210px !important; }  /* summary and both masks in one screen */
   .after-results { order: 2; }
   #examples-col { order: 3; }
   #steps-gallery .grid-container { grid-template-columns: repeat(2, minmax(0, 1fr)) !important; }
@@ -113,7 +114,17 @@ window.fsaScroll = (id) => {
     if (el) window.scrollTo({top: Math.max(0, el.getBoundingClientRect().top + window.scrollY - 8)});
   }, 150);
 };
+window.fsaNameButtons = () => {
+  // Gradio's clickable picture frames are buttons without a name: say what a click on them does
+  for (const [id, what] of [['image-input', 'the image'], ['mask-baseline', 'the baseline mask'],
+                            ['mask-fsa', 'the baseline + FSA mask']]) {
+    document.querySelectorAll('#' + id + ' button:not([aria-label])').forEach((b) => {
+      if (b.querySelector('img')) b.setAttribute('aria-label', 'Click a point of ' + what + ' to inspect its patch');
+    });
+  }
+};
 window.fsaMarkers = (value) => {
+  window.fsaNameButtons();
   document.querySelectorAll('.fsa-marker').forEach((m) => m.remove());
   if (!value) return;
   const [fx, fy, aspect] = value.split(' ').map(Number);
@@ -211,6 +222,9 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
                                 inputs=[image, classes, method], cache_examples=False, elem_id="examples",
                                 label="Examples (public domain / CC0, see examples/SOURCES.md); then press Segment")
             with gr.Column(scale=3, min_width=480, elem_id="results-col"):
+                # the summary above the masks: a refusal is read where the eye lands, the masks right under it
+                run_info = gr.Markdown("Pick an image and a vocabulary, then press “Segment”.", label="Summary",
+                                       elem_id="run-info")
                 with gr.Row(elem_id="mask-row"):
                     with gr.Column(min_width=160):
                         mask_baseline = gr.Image(label="Baseline", type="numpy", format="png", interactive=False,
@@ -220,8 +234,6 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
                         mask_fsa = gr.Image(label="Baseline + FSA", type="numpy", format="png", interactive=False,
                                             elem_id="mask-fsa", height=300, alt_text="Baseline + FSA mask: none yet")
                         legend_fsa = gr.HTML("", elem_id="legend-fsa", padding=False)
-                run_info = gr.Markdown("Pick an image and a vocabulary, then press “Segment”.", label="Summary",
-                                       elem_id="run-info")
                 gr.Markdown("### Clicked patch\nClick the image or a mask, or give a patch's row and column "
                             "(Enter shows it).", elem_id="patch-heading")
                 with gr.Row(elem_id="patch-controls"):
@@ -229,11 +241,11 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
                                           min_width=90)
                     patch_col = gr.Number(None, label="Patch column", precision=0, elem_id="patch-col",
                                           min_width=90)
-                    patch_go = gr.Button("Show patch", elem_id="patch-go", min_width=90)
+                    patch_go = gr.Button("Show patch", elem_id="patch-go", min_width=110)
                     head = gr.Dropdown(head_choices(app.num_heads), value=MEAN_HEADS, label="Attention head",
                                        elem_id="head", min_width=190, scale=2)
                     common_scale = gr.Checkbox(False, label="One colour scale for A₀, A_new, A_ens",
-                                               elem_id="common-scale", min_width=140, scale=2)
+                                               elem_id="common-scale", min_width=140, scale=1)
                 attn_info = gr.Markdown("Click a point on the image or on a mask to inspect its patch.",
                                         label="Patch description", elem_id="attn-info")
                 # In the algorithm's order: A₀ (what FSA starts from) → Π → Ŝ and the kept set → A_new → A_ens.
@@ -313,13 +325,13 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
         run_inputs += beyond
         # Segment: the results come into view at once (the progress shows on the masks), a refusal is said in
         # the summary while the last good masks stay (PageEvents.segment), and the markers go.
-        reveal_results = "() => { window.fsaReveal('mask-row'); }"
+        reveal_results = "() => { window.fsaReveal('mask-row', 'run-info'); }"
         run.click(None, None, None, js=reveal_results, queue=False)
         run.click(events.segment_button, run_inputs,
                   [mask_baseline, mask_fsa, run_info, record] + attention
                   + [legend_baseline, legend_fsa, marker, patch_row, patch_col],
                   api_visibility="private", show_progress_on=[mask_baseline, mask_fsa], **model_job
-                  ).then(None, marker, None, js="(v) => { window.fsaMarkers(v); window.fsaReveal('mask-row'); }",
+                  ).then(None, marker, None, js="(v) => { window.fsaMarkers(v); window.fsaReveal('mask-row', 'run-info'); }",
                          queue=False)
         # Compare all: its section opens and comes into view, with the progress on its grid.
         compare.click(lambda: gr.Accordion(open=True), None, compare_section, api_visibility="private",
