@@ -244,6 +244,12 @@ def test_results_and_attention_come_into_view(browser, url, shots, size):
         page.locator("#patch-col input").first.press("Enter")
         page.wait_for_function("(old) => document.querySelector('#attn-info').innerText !== old", arg=first)
         assert "row 1, column 1 of the image" in page.locator("#attn-info").inner_text()
+        # ... and the arrow keys on a focused mask move it
+        page.locator("#mask-fsa button:has(img)").first.focus()
+        page.keyboard.press("ArrowRight")
+        page.wait_for_function("() => document.querySelector('#attn-info').innerText.includes('row 1, column 2 of')")
+        page.keyboard.press("ArrowDown")
+        page.wait_for_function("() => document.querySelector('#attn-info').innerText.includes('row 2, column 2 of')")
 
         # a refused run: said in the summary, the masks stay (no Error badge) and stay clickable
         src = page.locator("#mask-fsa img").first.get_attribute("src")

@@ -123,6 +123,21 @@ window.fsaNameButtons = () => {
     });
   }
 };
+// Arrow keys on a focused picture (the image or a mask) move the chosen patch by one row or column.
+document.addEventListener('keydown', (event) => {
+  const steps = {ArrowUp: [-1, 0], ArrowDown: [1, 0], ArrowLeft: [0, -1], ArrowRight: [0, 1]};
+  const active = document.activeElement;
+  if (!(event.key in steps) || !active || !active.closest('#image-input, #mask-baseline, #mask-fsa')) return;
+  const row = document.querySelector('#patch-row input'), col = document.querySelector('#patch-col input');
+  if (!row || !col || !row.value || !col.value) return;  // a patch must have been chosen first
+  event.preventDefault();
+  const [dr, dc] = steps[event.key];
+  for (const [input, d] of [[row, dr], [col, dc]]) {
+    input.value = Math.max(1, Number(input.value) + d);
+    input.dispatchEvent(new Event('input', {bubbles: true}));
+  }
+  setTimeout(() => document.querySelector('#patch-go').click(), 50);
+});
 window.fsaMarkers = (value) => {
   window.fsaNameButtons();
   document.querySelectorAll('.fsa-marker').forEach((m) => m.remove());
@@ -235,7 +250,8 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
                                             elem_id="mask-fsa", height=300, alt_text="Baseline + FSA mask: none yet")
                         legend_fsa = gr.HTML("", elem_id="legend-fsa", padding=False)
                 gr.Markdown("### Clicked patch\nClick the image or a mask, or give a patch's row and column "
-                            "(Enter shows it).", elem_id="patch-heading")
+                            "(Enter shows it); then the arrow keys on a focused picture move it.",
+                            elem_id="patch-heading")
                 with gr.Row(elem_id="patch-controls"):
                     patch_row = gr.Number(None, label="Patch row", precision=0, elem_id="patch-row",
                                           min_width=90)
