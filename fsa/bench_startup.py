@@ -142,6 +142,9 @@ def startup_rows(repeats: int = 3) -> list[StartupRow]:
             rows.append(_row("load_clip ViT-H-14 + load_proxy dinov2, HF_HUB_OFFLINE set (in process)",
                              lambda: _expect_error(lambda: load_proxy("dinov2-b14-reg", device="cpu")) + "; "
                              + _expect_error(lambda: load_clip("ViT-H-14", device="cpu")), repeats))
+            rows.append(_row("load_proxy mae-b16 + sam-b16, HF_HUB_OFFLINE set (in process)",
+                             lambda: _expect_error(lambda: load_proxy("mae-b16", device="cpu")) + "; "
+                             + _expect_error(lambda: load_proxy("sam-b16", device="cpu")), repeats))
     return rows
 
 

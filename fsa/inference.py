@@ -135,9 +135,10 @@ def window_cosines(
     lo, hi = progress_span
     for start in range(0, len(windows), window_batch):
         chunk = windows[start:start + window_batch]
-        if progress is not None:
+        if progress is not None:  # e.g. "windows 1-4 of 6", "proxy sam-b16 window 3 of 6": which model runs
+            which = (f"window {start + 1}" if len(chunk) == 1 else f"windows {start + 1}-{start + len(chunk)}")
             progress(lo + (hi - lo) * start / len(windows),
-                     f"windows {start + 1}-{start + len(chunk)} of {len(windows)}")
+                     ("" if proxy is None else f"proxy {proxy.name} ") + f"{which} of {len(windows)}")
         crops = torch.cat([pixels[:, :, w.y0:w.y1, w.x0:w.x1] for w in chunk])
         if pad != NO_PADDING:
             crops = F.pad(crops, pad)  # zeros in CLIP-normalised space, as the published code

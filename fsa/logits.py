@@ -91,9 +91,11 @@ class FeedbackDetails:
         return self.feedback.blocks or (self.depth,)
 
     def select(self, index: int) -> "FeedbackDetails":
-        """The details of one image of the batch, detached and on the CPU."""
+        """The details of one image of the batch, detached and on the CPU, in tensors of their own."""
         def one(t: Optional[Tensor]) -> Optional[Tensor]:
-            return None if t is None else t[index:index + 1].detach().cpu()
+            # A copy: a slice keeps the whole batch's storage alive (q, k: all of qkv), in a session's memory
+            # and in its pickle; .cpu() alone returns the same tensor on the CPU.
+            return None if t is None else t[index:index + 1].detach().to("cpu", copy=True)
 
         steps = [FeedbackStep(one(s.pi), {b: (one(q), one(k)) for b, (q, k) in s.block_qk.items()},
                               one(s.z_cos)) for s in self.steps]

@@ -48,15 +48,27 @@ class WindowPlan:
     windows: int  #: how many windows cover the working image
     clip_grid: tuple[int, int]  #: CLIP's patch grid of one window
     proxy_grid: Optional[tuple[int, int]]  #: the proxy's patch grid of one window (ProxyCLIP only)
-    heads: int  #: the most heads of one attention over a window (CLIP's, or the proxy's when larger)
+    heads: int  #: heads of CLIP's attention over a window
+    #: the proxy's name and label (ProxyCLIP only), e.g. "sam-b16", "SAM ViT-B/16"
+    proxy_name: Optional[str] = None
+    proxy_label: Optional[str] = None
+    #: (matrices, tokens) of the proxy's own forward at its largest (`fsa.proxies.ProxySpec.attention`)
+    proxy_attention: Optional[tuple[int, int]] = None
+
+    @property
+    def clip_tokens(self) -> int:
+        """CLIP's patch tokens of one window (its CLS token not counted)."""
+        return self.clip_grid[0] * self.clip_grid[1]
+
+    @property
+    def proxy_tokens(self) -> int:
+        """N of ProxyCLIP's N×N affinity over the proxy grid (0 without a proxy)."""
+        return 0 if self.proxy_grid is None else self.proxy_grid[0] * self.proxy_grid[1]
 
     @property
     def tokens(self) -> int:
-        """Patch tokens of the largest attention over one window (CLS and register tokens not counted)."""
-        counts = [self.clip_grid[0] * self.clip_grid[1]]
-        if self.proxy_grid is not None:
-            counts.append(self.proxy_grid[0] * self.proxy_grid[1])
-        return max(counts)
+        """Patch tokens of the largest grid over one window (CLS and register tokens not counted)."""
+        return max(self.clip_tokens, self.proxy_tokens)
 
 
 @dataclass(frozen=True)
@@ -95,7 +107,9 @@ def plan_windows(settings: SegmentSettings, image_hw: tuple[int, int], clip: Vis
     return WindowPlan(
         method=settings.method, working_size=working, window_size=(first[0].height, first[0].width),
         padded_size=(ph, pw), windows=len(first), clip_grid=(ph // clip.patch_size, pw // clip.patch_size),
-        proxy_grid=proxy_grid, heads=max(clip.heads, proxy.heads) if uses_proxy else clip.heads)
+        proxy_grid=proxy_grid, heads=clip.heads, proxy_name=proxy.name if uses_proxy else None,
+        proxy_label=proxy.label if uses_proxy else None,
+        proxy_attention=proxy.attention(ph, pw, crop or None) if uses_proxy else None)
 
 
 def plan_request(segmenter, image, vocabulary, settings_list: Sequence[SegmentSettings], *,

@@ -40,12 +40,14 @@ from .hub import (
 )
 from .config import PROXIES, PROXY_LABELS, TINY_PROXIES, TINY_TEST
 from .proxy_models import (
+    SAM_HEADS_AT_ONCE,
     SAM_INPUT_SIDE,
     TIMM_NAMES,
     build_proxy_model,
     dino_position_table,
     load_proxy_state,
     mae_position_table,
+    sam_features,
 )
 
 
@@ -104,6 +106,16 @@ class ProxySpec:
         attention (patches + CLS/registers) or ProxyCLIP's N×N attention over its grid."""
         rows, cols = self.grid(height, width, crop)
         return rows * cols + self.prefix_tokens
+
+    def attention(self, height: int, width: int, crop: Optional[int] = None) -> tuple[int, int]:
+        """(matrices, tokens) of the proxy's own forward at its largest: how many tokens × tokens attention
+        matrices one window builds at once. SAM: its global blocks over the 64×64 grid, run
+        ``SAM_HEADS_AT_ONCE`` heads at a time (:func:`fsa.proxy_models.sam_features`); the windowed blocks
+        are far smaller (14×14 windows). The others: every head over the patches and prefix tokens."""
+        if self.family == "sam":
+            rows, cols = self.grid(height, width, crop)
+            return min(self.heads, SAM_HEADS_AT_ONCE), rows * cols
+        return self.heads, self.tokens(height, width, crop)
 
 
 def _spec(name: str, family: str, patch: int, *, test: bool, original: Optional[str] = None) -> ProxySpec:
@@ -280,7 +292,7 @@ class ProxyModel:
                 raise ValueError(f"proxy {self.name} needs a side of at least {self.patch_size} pixels, got {side}")
             x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
             if self.family == "sam":
-                return self.model.forward_features(x)  # (B, C, 64, 64): the neck output
+                return sam_features(self.model, x)  # (B, C, 64, 64): the neck output, a few heads at a time
             whole = side // self.patch_size * self.patch_size  # MAE's patch conv drops a remainder
             x, h, w = x[:, :, :whole, :whole], whole, whole
         elif h < self.patch_size or w < self.patch_size or h % self.patch_size or w % self.patch_size:

@@ -21,7 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from timm.models.vision_transformer import VisionTransformer
-from timm.models.vision_transformer_sam import VisionTransformerSAM, checkpoint_filter_fn as sam_filter_fn
+from timm.layers import resample_abs_pos_embed_nhwc
+from timm.models.vision_transformer_sam import (
+    VisionTransformerSAM, checkpoint_filter_fn as sam_filter_fn, get_decomposed_rel_pos_bias, window_partition,
+    window_unpartition,
+)
 
 from .hub import WeightsUnavailableError
 
@@ -29,6 +33,10 @@ from .hub import WeightsUnavailableError
 FAMILIES = ("dino", "dinov2", "mae", "sam")
 #: SAM's image encoder always sees 1024 × 1024 pixels (the published code squashes every window to it).
 SAM_INPUT_SIDE = 1024
+#: Attention matrices SAM's global blocks build at once (`sam_features`): one per head and image, each
+#: 4096 × 4096 float32 (64 MiB) plus its relative-position bias. timm builds all 12 heads' at once: 1.7 GB
+#: for one window (measured), which no memory budget of a CPU server allows.
+SAM_HEADS_AT_ONCE = 2
 #: The real proxies in timm's registry; each one's weights are the hub repo ``timm/<name>``.
 TIMM_NAMES = MappingProxyType({
     "dino": "vit_base_patch8_224.dino",
@@ -153,6 +161,57 @@ def build_proxy_model(family: str, *, stand_in: bool, seed: int = 0) -> nn.Modul
         return model
 
 
+# --------------------------------------------------------------------------- SAM's forward
+def _sam_attention(attn: nn.Module, x: Tensor, heads_at_once: int) -> Tensor:
+    """timm's SAM ``Attention.forward`` on (B, H, W, C) tokens, its (B·heads) attentions `heads_at_once` at a
+    time: each head's attention is computed as timm computes it (same bias, same kernel), only fewer of their
+    N × N matrices are alive at once."""
+    b, h, w, _ = x.shape
+    n = h * w
+    qkv = attn.qkv(x.reshape(b, n, -1)).view(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.reshape(3, b * attn.num_heads, n, -1).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = torch.empty_like(q)
+    for s in range(0, q.shape[0], heads_at_once):
+        qs, ks, vs = q[s:s + heads_at_once], k[s:s + heads_at_once], v[s:s + heads_at_once]
+        bias = (get_decomposed_rel_pos_bias(qs, attn.rel_pos_h, attn.rel_pos_w, (h, w), (h, w))
+                if attn.use_rel_pos else None)
+        if attn.fused_attn:
+            out[s:s + heads_at_once] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=bias)
+        else:
+            scores = (qs * attn.scale) @ ks.transpose(-2, -1)
+            if bias is not None:
+                scores = scores + bias
+            out[s:s + heads_at_once] = scores.softmax(dim=-1) @ vs
+        del bias
+    x = out.view(b, attn.num_heads, n, -1).transpose(1, 2).reshape(b, n, -1)
+    return attn.proj(x).view(b, h, w, -1)
+
+
+def sam_features(model: VisionTransformerSAM, x: Tensor, heads_at_once: int = SAM_HEADS_AT_ONCE) -> Tensor:
+    """timm's ``VisionTransformerSAM.forward_features`` at inference (dropouts skipped): (B, 3, 1024, 1024) →
+    (B, C, 64, 64) neck output, every block's attention run `heads_at_once` (image, head) pairs at a time
+    (`_sam_attention`). The same features; measured on CPU (ViT-B, 2 at once), one window's forward peaks at
+    +377 MiB instead of timm's +1676 MiB, two windows at +507 MiB instead of +3368 MiB."""
+    if any(getattr(blk.attn, "rope", None) is not None for blk in model.blocks):
+        return model.forward_features(x)  # not SAM's layout: timm's own forward
+    x = model.patch_embed(x)
+    if model.pos_embed is not None:
+        x = x + resample_abs_pos_embed_nhwc(model.pos_embed, x.shape[1:3])
+    x = model.norm_pre(model.patch_drop(model.pos_drop(x)))
+    for blk in model.blocks:
+        b, h, w, _ = x.shape
+        shortcut, y, pad_hw = x, blk.norm1(x), None
+        if blk.window_size > 0:
+            y, pad_hw = window_partition(y, blk.window_size)
+        y = blk.ls1(_sam_attention(blk.attn, y, heads_at_once))
+        if blk.window_size > 0:
+            y = window_unpartition(y, blk.window_size, (h, w), pad_hw)
+        x = (shortcut + y).reshape(b, h * w, -1)
+        x = (x + blk.ls2(blk.mlp(blk.norm2(x)))).reshape(b, h, w, -1)
+    return model.neck(x.permute(0, 3, 1, 2))
+
+
 # --------------------------------------------------------------------------- checkpoints
 def read_proxy_state(path: str) -> dict[str, Tensor]:
     """The tensors of a checkpoint file: safetensors, or a torch pickle of tensors only
@@ -228,5 +287,6 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
-__all__ = ["FAMILIES", "SAM_INPUT_SIDE", "TIMM_NAMES", "build_proxy_model", "dino_position_table", "load_proxy_state",
+__all__ = ["FAMILIES", "SAM_HEADS_AT_ONCE", "SAM_INPUT_SIDE", "TIMM_NAMES", "build_proxy_model", "dino_position_table",
+           "load_proxy_state", "sam_features",
            "mae_position_table", "read_proxy_state"]

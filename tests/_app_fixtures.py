@@ -1,5 +1,5 @@
-"""Helpers shared by the app's test modules: a free port, an in-process server, bad uploads, a
-forward-pass spy."""
+"""Helpers shared by the app's test modules: the Segment button and a click called in process (`run`,
+`select`), a free port, an in-process server, bad uploads, a forward-pass spy."""
 from __future__ import annotations
 
 import io
@@ -7,14 +7,38 @@ import socket
 from contextlib import contextmanager
 from pathlib import Path
 
+import gradio as gr
 from PIL import Image
 
+from fsa.config import METHOD_DEFAULTS
+from fsa.demo.guards import friendly_errors
 from fsa.demo.handlers import DemoApp
 from fsa.demo.limits import RuntimeLimits
 from fsa.demo.page import build_demo
 from fsa.demo.server import launch_options
 
 REPO = Path(__file__).resolve().parents[1]
+VOCAB = "cup; mug, table, background"
+
+
+def run(app: "DemoApp", image, *beyond, vocabulary: str = VOCAB, method: str = "clearclip", fsa_on=True,
+        isolation=True, pruning=True, ensemble=True, lam=3.0, p=0.45, short_side=64, crop=None, stride=None,
+        logit_scale=None, bg_threshold=0.0, record=None):
+    """The Segment button as the page calls it (through `friendly_errors`; progress=None: no Gradio request):
+    the page's fields at their defaults for `method` unless given, `beyond` the beyond-the-paper fields
+    (similarity, iterations, blocks). → the handler's outputs (baseline, FSA mask, summary, record, ...)."""
+    d = METHOD_DEFAULTS[method]
+    crop = d.crop if crop is None else crop
+    stride = d.stride if stride is None else stride
+    logit_scale = d.logit_scale if logit_scale is None else logit_scale
+    return friendly_errors(app.run)(record, image, vocabulary, method, app.default_backbone, fsa_on, isolation,
+                                    pruning, ensemble, lam, p, short_side, crop, stride, logit_scale, bg_threshold,
+                                    *beyond, progress=None)
+
+
+def select(x: float, y: float) -> gr.SelectData:
+    """The event data of a click at pixel (x, y) of an image."""
+    return gr.SelectData(None, {"index": [x, y], "value": None})
 
 
 def free_port() -> int:

@@ -13,16 +13,13 @@ from PIL import Image
 
 from fsa import visualize as viz
 from fsa.demo.forms import MEAN_HEADS
-from fsa.demo.guards import friendly_errors
 from fsa.demo.handlers import DemoApp
 from fsa.demo.page import build_demo
 from fsa.demo.views import NO_STEPS_MESSAGE
-from _app_fixtures import count_compare_calls
+from _app_fixtures import count_compare_calls, run, select
 import fsa
-from fsa.config import METHOD_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[1]
-VOCAB = "cup; mug, table, background"
 W, H = 96, 64
 
 
@@ -44,18 +41,6 @@ def depth(app):
 @pytest.fixture
 def compare_calls(app, monkeypatch):
     return count_compare_calls(app, monkeypatch)
-
-
-def run(app, image, *beyond, method="clearclip", fsa_on=True, isolation=True, pruning=True, ensemble=True):
-    """The Segment button with the page's default fields and the beyond-the-paper fields `beyond`."""
-    d = METHOD_DEFAULTS[method]
-    fn = friendly_errors(app.run)
-    return fn(None, image, VOCAB, method, app.default_backbone, fsa_on, isolation, pruning, ensemble, 3.0, 0.45, 64,
-              d.crop, d.stride, d.logit_scale, 0.0, *beyond, progress=None)
-
-
-def select(x, y):
-    return gr.SelectData(None, {"index": [x, y], "value": None})
 
 
 def clicked(app, record, x=W * 0.6, y=H * 0.4):

@@ -14,9 +14,9 @@ from fsa import visualize as viz
 from fsa.demo.forms import MEAN_HEADS, head_choices
 from fsa.demo.guards import check_number_inputs, friendly_errors
 from fsa.demo.handlers import DemoApp
-from fsa.demo.page import EXAMPLES
+from fsa.demo.page import EXAMPLES, build_demo
 from fsa.demo.server import server_options
-from _app_fixtures import count_compare_calls
+from _app_fixtures import VOCAB, count_compare_calls, run, select
 import fsa
 from fsa.checks import NumericalError
 from fsa.config import METHOD_DEFAULTS, METHODS
@@ -24,7 +24,6 @@ from fsa.scoring import score_against
 from fsa.vocabulary import parse_vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
-VOCAB = "cup; mug, table, background"
 W, H = 96, 64
 
 
@@ -40,20 +39,6 @@ def photo():
 
 def _fsa_args(fsa_on=True, lam=3.0, p=0.45):
     return [fsa_on, True, True, True, lam, p]
-
-
-def run(app, image, vocabulary=VOCAB, method="clearclip", fsa_on=True, record=None, crop=None, stride=None):
-    """The Segment button with the page's default fields (progress=None: no Gradio request here)."""
-    d = METHOD_DEFAULTS[method]
-    crop = d.crop if crop is None else crop
-    stride = d.stride if stride is None else stride
-    fn = friendly_errors(app.run)
-    return fn(record, image, vocabulary, method, app.default_backbone, *_fsa_args(fsa_on), 64, crop, stride,
-              d.logit_scale, 0.0, progress=None)
-
-
-def select(x, y):
-    return gr.SelectData(None, {"index": [x, y], "value": None})
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +58,10 @@ def test_app_defaults_and_status(app):
     assert "random weights" in app.status_markdown()
     assert app.weights_error is None
     assert app.backbone_choices()[0] == fsa.TINY_TEST
-    assert app.num_heads >= 1
+    # the tiny model's tower is 64 wide in heads of 16: 4 heads, and the page's head menu lists each
+    assert app.num_heads == 4 == app.segmenter().load().model.visual.transformer.resblocks[0].attn.num_heads
+    menu = next(b for b in build_demo(app).blocks.values() if getattr(b, "elem_id", None) == "head")
+    assert [value for _, value in menu.choices] == ["mean over heads", "head 1", "head 2", "head 3", "head 4"]
 
 
 def test_method_defaults_follow_config(app):
@@ -387,8 +375,15 @@ def test_gpu_function_results_are_picklable(app, photo):
     import pickle
 
     settings = app.settings("clearclip", True, True, True, True, 3.0, 0.45)
-    baseline, fsa_result = pickle.loads(pickle.dumps(app._infer_impl(None, photo, "cup, table", settings)))
-    assert fsa_result.explain(10, 10).num_heads >= 1
+    direct = app._infer_impl(None, photo, "cup, table", settings)
+    baseline, fsa_result = pickle.loads(pickle.dumps(direct))
+    np.testing.assert_array_equal(baseline.labels, direct[0].labels)
+    np.testing.assert_array_equal(fsa_result.labels, direct[1].labels)
+    # the unpickled diagnostics explain a patch as the originals do, per head of the tiny model's 4
+    before, after = direct[1].explain(10, 10), fsa_result.explain(10, 10)
+    assert after.num_heads == 4 and after.attn_original.shape[0] == 4
+    for name in ("attn_original", "attn_new", "attn_ensemble", "similarity", "class_probs"):
+        np.testing.assert_array_equal(getattr(after, name), getattr(before, name))
 
 
 # --------------------------------------------------------------------------- user errors vs bugs in the log
@@ -459,11 +454,8 @@ def test_a_bug_logs_its_traceback(error, caplog):
 def test_bad_numbers_in_the_fields_give_specific_errors(app, photo, field, value, message, compare_calls, caplog):
     fields = dict(lam=3.0, p=0.45, short_side=64, crop=224, stride=112, logit_scale=40.0, bg_threshold=0.0)
     fields[field] = value
-    fn = friendly_errors(app.run)
     with pytest.raises(gr.Error, match=re.escape(message)) as info:
-        fn(None, photo, VOCAB, "clearclip", app.default_backbone, True, True, True, True, fields["lam"], fields["p"],
-           fields["short_side"], fields["crop"], fields["stride"], fields["logit_scale"], fields["bg_threshold"],
-           progress=None)
+        run(app, photo, **fields)
     assert info.value.title == "Check the inputs" and compare_calls == []  # no forward pass, so no mask
     assert "Traceback" not in caplog.text
 

@@ -20,7 +20,7 @@ from fsa.demo.limits import ATTENTION_BUDGET_BYTES, ATTENTION_COPIES, CLASS_BUDG
 from fsa.demo.page import build_demo
 from fsa.demo.server import prune_empty_dirs
 from fsa.demo.views import COMPARE_CELL_WIDTH
-from _app_fixtures import write_bad_images
+from _app_fixtures import run, select, write_bad_images
 from fsa.config import METHOD_DEFAULTS, METHODS
 from fsa.images import read_bounded, working_size
 
@@ -42,18 +42,6 @@ def files(tmp_path_factory):
     photo.resize((1500, 1000), Image.Resampling.BICUBIC).save(paths["big"], quality=92)
     photo.resize((1500, 1000)).save(paths["big_png"])
     return {k: str(v) for k, v in paths.items()}
-
-
-def run(app, image, vocabulary="cup, table", method="clearclip", short_side=64, crop=None, fsa_on=True):
-    d = METHOD_DEFAULTS[method]
-    crop = d.crop if crop is None else crop
-    return friendly_errors(app.run)(None, image, vocabulary, method, app.default_backbone, fsa_on, True,
-                                             True, True, 3.0, 0.45, short_side, crop, d.stride, d.logit_scale, 0.0,
-                                             progress=None)
-
-
-def select(x, y):
-    return gr.SelectData(None, {"index": [x, y], "value": None})
 
 
 # --------------------------------------------------------------------------- our own decoding
@@ -80,7 +68,7 @@ def test_bad_uploads_are_named_by_our_decoder(app, files, name, message):
 
 
 def test_a_large_upload_is_segmented_at_the_working_size(app, files):
-    baseline, fsa_mask, summary, record, *_ = run(app, files["big"])
+    baseline, fsa_mask, summary, record, *_ = run(app, files["big"], vocabulary="cup, table")
     wh, ww = working_size(1000, 1500, 64)
     assert record.image.shape == (wh, ww, 3) and record.input_size == (1500, 1000)
     assert fsa_mask.shape[1] == ww and baseline.shape[1] == ww
@@ -99,15 +87,26 @@ def test_a_large_upload_is_segmented_at_the_working_size(app, files):
 
 
 def test_the_session_record_holds_no_full_resolution_maps(app, files):
-    record = run(app, files["big"])[3]
+    import pickle
+
+    # 32-px windows every 16 px over the 96×64 working picture: 3 × 5 = 15 windows of 2×2 patches, in batches
+    record = run(app, files["big"], vocabulary="cup, table", crop=32, stride=16)[3]
+    h, w = record.image.shape[:2]
+    assert (h, w) == (64, 96) and len(record.diagnostics.windows) == 15
     for name in ("baseline", "fsa", "probabilities", "confidence"):
         assert not hasattr(record, name)
     # the label maps scoring needs: one byte a pixel, at the picture's size
     for labels in (record.labels, record.fsa_labels):
-        assert labels.dtype == np.uint8 and labels.shape == record.image.shape[:2]
-    held = record.image.nbytes + record.labels.nbytes + record.fsa_labels.nbytes + sum(
-        t.numel() * t.element_size() for d in record.diagnostics.details for t in (d.q, d.k, d.pi))
-    assert held < 1 << 20  # ~the 96×64 picture, its two label maps and the tiny model's q, k, Π
+        assert labels.dtype == np.uint8 and labels.shape == (h, w)
+    # What a click needs, in bytes: the picture and its two label maps; per window the last block's q and k
+    # (4 heads × (1 + 4 tokens) × 16, float32: the tiny model is 64 wide in heads of 16) and at most three
+    # 4 patches × 2 classes float32 maps (Π, the cosines behind Z and behind U). Pickled (each tensor with all
+    # of the storage it keeps alive), the record may add a header of 512 bytes per tensor (5 a window) and
+    # 8 KiB for the rest. A (h, w) float32 map more (24 KiB), or q and k kept as views of their batch's qkv
+    # (12× their size here), do not fit.
+    needed = h * w * 3 + 2 * h * w + 15 * (2 * 4 * 5 * 16 * 4 + 3 * 4 * 2 * 4)
+    size, bound = len(pickle.dumps(record)), needed + 15 * 5 * 512 + 8 * 1024
+    assert size < bound, f"the record pickles to {size} bytes; what it must hold allows {bound}"
     # a click builds the N×N matrices of its window for itself: the session's store stays lean
     app.click_mask(record, MEAN_HEADS, select(5, 5))
     assert record.diagnostics._cached is None
@@ -145,7 +144,7 @@ def test_a_window_over_the_attention_budget_is_refused(app, files):
     tokens = (wh // 16) * (ww // 16)
     with pytest.raises(gr.Error, match=rf"A {ww}×{wh}-pixel window \({tokens} patches\) needs more attention memory "
                                        r"than this server allows\. Lower the window crop"):
-        run(app, files["photo"], short_side=2048, crop=0)
+        run(app, files["photo"], vocabulary="cup, table", short_side=2048, crop=0)
 
 
 def test_window_batch_and_class_budget_formulas():

@@ -171,11 +171,14 @@ def slow_pass(server, monkeypatch):
 
 
 def _assert_model_free(server, files):
-    """The stopped job gave its model slot back: a normal pass runs at once."""
-    client = Client(server[2], verbose=False)
-    started = time.monotonic()
-    client.predict(handle_file(files["photo"]), VOCAB, api_name="/segment")
-    assert time.monotonic() - started < 60
+    """The stopped job gave its model slot back: the queue's "model" group and the app's own slots hold
+    nothing, and a normal pass runs (the limits are hang guards: it takes about a second)."""
+    app, demo, url = server
+    group = demo._queue.event_queue_per_concurrency_id["model"]
+    assert _wait_for(lambda: group.current_concurrency == 0, timeout=60), "the stopped job still holds the model"
+    assert app._model_slots._value == app.limits.concurrency
+    client = Client(url, verbose=False)
+    client.submit(handle_file(files["photo"]), VOCAB, api_name="/segment").result(timeout=120)
     client.close()
 
 
@@ -224,23 +227,27 @@ def test_a_cached_click_answers_while_a_pass_holds_the_model(server, files, monk
     clicker.predict(handle_file(files["photo"]), VOCAB, api_name="/segment")  # the session's cached pass
     segmenter = app.segmenter()
     real = segmenter.compare
-    entered, release = threading.Event(), threading.Event()
+    entered, release, passes = threading.Event(), threading.Event(), []
 
     def blocked(*args, **kwargs):
+        passes.append(args[1])
         entered.set()
         release.wait(60)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(segmenter, "compare", blocked)
+    group = demo._queue.event_queue_per_concurrency_id["model"]
     busy = Client(url, verbose=False)
     try:
         job = busy.submit(handle_file(files["other"]), "cat, floor", api_name="/segment")
         assert entered.wait(30)
         # the model is held (FSA_CONCURRENCY=1) and another pass waits in its queue
         queued = Client(url, verbose=False).submit(handle_file(files["other"]), "cat, wall", api_name="/segment")
+        assert _wait_for(lambda: len(group.queue) == 1, timeout=30), "the second pass did not queue behind the first"
         click = clicker.submit(handle_file(files["photo"]), VOCAB, "clearclip", 40, 30, api_name="/attention")
         *maps, chart, text = click.result(timeout=30)  # answered while both passes still wait
-        assert not release.is_set() and not job.done()
+        assert (group.current_concurrency, len(group.queue), len(passes)) == (1, 1, 1), "a pass ran meanwhile"
+        assert not job.done() and not queued.done()
         assert Image.open(maps[0]).size == (96, 64) and "Query patch" in text
     finally:
         release.set()

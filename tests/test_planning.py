@@ -90,7 +90,7 @@ def test_proxyclip_counts_the_proxys_patches_and_heads():
     assert plan.clip_grid == (21, 21) and plan.proxy_grid == (42, 42)
     assert plan.tokens == 42 * 42 and plan.heads == 12
     tiny = plan_windows(settings("proxyclip"), (480, 640), VisionGeometry(16, 4, 4), proxy_spec(fsa.TINY_TEST))
-    assert tiny.heads == 4  # the larger of CLIP's 4 and the tiny proxy's 2
+    assert tiny.heads == 4 and tiny.proxy_attention == (2, 42 * 42 + 1)  # CLIP's heads; the proxy's apart
 
 
 def test_whole_image_passes_pad_only_for_a_proxy():
@@ -152,7 +152,8 @@ def test_fit_to_budget_shrinks_the_batch_and_refuses_a_window_too_large(photo):
                            windows=tuple(window_plans))
 
     proxy = plan_windows(settings("proxyclip"), (480, 640), VIT_B16, DINO_B8)
-    # 12 heads × (1764 + 1)² float32, two copies: 3 windows fit in 1 GiB, not the default 4
+    # the DINO proxy's own forward, 12 heads × (1764 + 1)² float32, two copies (more than CLIP's and the
+    # affinity's): 3 windows fit in 1 GiB, not the default 4
     per_window = 12 * 1765 ** 2 * 4 * 2
     assert ATTENTION_BUDGET_BYTES // per_window == 3
     fitted = fit_to_budget(plan_of(proxy), RuntimeLimits(), [settings("proxyclip")])

@@ -15,8 +15,11 @@ import gradio as gr
 
 import fsa
 from .. import visualize as viz
-from ..config import BACKBONES, METHOD_DEFAULTS, METHOD_LABELS, METHODS, TINY_TEST, default_lambda
+from ..config import (
+    BACKBONES, METHOD_DEFAULTS, METHOD_LABELS, METHODS, PROXIES, PROXY_LABELS, TINY_TEST, default_lambda,
+)
 from ..planning import clip_geometry, plan_request
+from ..proxies import resolve_proxy_name
 from ..scoring import score_reference
 from ..text import TextFeatureCache
 from .forms import PAPER_ITERATIONS, PAPER_SIMILARITY, parse_blocks, parse_iterations
@@ -33,6 +36,24 @@ log = logging.getLogger("fsa.app")
 
 #: None: each method's published short side (fsa.METHOD_DEFAULTS: 336 for SCLIP, NACLIP, ProxyCLIP, else 448)
 SHORT_SIDE_DEFAULT: Optional[int] = None
+#: ProxyCLIP's proxy when none is chosen (the published default, and what /segment callers without it get)
+DEFAULT_PROXY = "dino-b8"
+
+
+def proxy_choices() -> list[tuple[str, str]]:
+    """(label, name) of every ProxyCLIP proxy, for the page's selector."""
+    return [(PROXY_LABELS[name], name) for name in PROXIES]
+
+
+def chosen_proxy(method: Optional[str], proxy: Optional[str]) -> str:
+    """The proxy a request runs: the chosen one for ProxyCLIP (checked), DEFAULT_PROXY for the other methods
+    (which run none), so that their passes and records do not depend on the hidden selector."""
+    if (method or "clearclip") != "proxyclip":
+        return DEFAULT_PROXY
+    try:
+        return resolve_proxy_name(proxy or DEFAULT_PROXY)
+    except ValueError as exc:
+        raise gr.Error(f"{exc}; pick one of {', '.join(PROXIES)}", title="Unknown proxy") from None
 
 
 class DemoApp:
@@ -71,14 +92,15 @@ class DemoApp:
         self._infer_cells = gpu(180)(self._infer_cells_impl)
 
     # -- models -------------------------------------------------------------------------------
-    def segmenter(self, backbone: Optional[str] = None):
-        """One `fsa.Segmenter` per backbone, all sharing this app's model and text caches."""
+    def segmenter(self, backbone: Optional[str] = None, proxy: Optional[str] = None):
+        """One `fsa.Segmenter` per backbone and ProxyCLIP proxy, all sharing this app's model and text caches."""
         name = backbone or getattr(self, "default_backbone", None)
+        proxy = proxy or DEFAULT_PROXY
         with self._lock:
-            key = name or ""
+            key = (name or "", proxy)
             if key not in self._segmenters:
                 self._segmenters[key] = fsa.Segmenter(name, device=self.device, cache=self.cache,
-                                                      text_cache=self.text_cache)
+                                                      text_cache=self.text_cache, proxy=proxy)
             return self._segmenters[key]
 
     def preload(self) -> None:
@@ -137,22 +159,23 @@ class DemoApp:
         )
 
     # -- GPU work -----------------------------------------------------------------------------
-    def _infer_impl(self, backbone: Optional[str], image, vocabulary, settings, progress=None):
+    def _infer_impl(self, backbone: Optional[str], image, vocabulary, settings, progress=None, proxy=None):
         """One forward pass → (baseline result, baseline + FSA result or None)."""
-        segmenter = self.segmenter(backbone)
+        segmenter = self.segmenter(backbone, proxy)
         report = progress_callback(progress, watch=ClientWatch())
         if settings.feedback is None:
             return segmenter.segment(image, vocabulary, settings, progress=report), None
         out = segmenter.compare(image, vocabulary, settings, progress=report)
         return out.baseline, out.fsa
 
-    def _infer_cells_impl(self, backbone: Optional[str], image, vocabulary, settings_list, progress=None):
+    def _infer_cells_impl(self, backbone: Optional[str], image, vocabulary, settings_list, progress=None,
+                          proxy=None):
         """Every settings' pass drawn into its two compare-grid cells as soon as it exists, then dropped,
         so that one pair of results is alive at a time.
 
         → (class names or None, [(method, [baseline cell, FSA cell] or None, seconds, error or None)])
         """
-        segmenter = self.segmenter(backbone)
+        segmenter = self.segmenter(backbone, proxy)
         watch = ClientWatch()
         names, colors, rows = None, None, []
         for i, settings in enumerate(settings_list):
@@ -180,12 +203,12 @@ class DemoApp:
             raise gr.Error("Type at least one class name, e.g. “cat; kitten, sofa, background”.",
                            title="Empty vocabulary")
 
-    def _prepare(self, image, vocabulary: str, backbone: Optional[str], settings_list: list):
+    def _prepare(self, image, vocabulary: str, backbone: Optional[str], settings_list: list, proxy=None):
         """Plan the request (the image decoded and the vocabulary parsed once) and check it against the memory
         budgets, before any model work. → (fsa.planning.RequestPlan, the settings with a window batch that
         fits)."""
         self._check_inputs(image, vocabulary)
-        plan = plan_request(self.segmenter(backbone), image, vocabulary, settings_list,
+        plan = plan_request(self.segmenter(backbone, proxy), image, vocabulary, settings_list,
                             max_pixels=self.limits.max_pixels)
         try:
             return plan, fit_to_budget(plan, self.limits, settings_list)
@@ -221,19 +244,22 @@ class DemoApp:
         """The session's `record` when it was made for this image, vocabulary and method with FSA's default
         settings on the default backbone (no decoding, no model); else a new pass with those settings."""
         settings = self.settings(method, True, True, True, True, default_lambda(self.default_backbone), 0.45)
-        if record is not None and record.key == run_key(image, vocabulary, self.default_backbone, settings):
+        if record is not None and record.key == run_key(image, vocabulary, self.default_backbone, settings,
+                                                       chosen_proxy(method, None)):
             return record
         return self._run(image, vocabulary, None, settings, progress)[0]
 
-    def _run(self, image, vocabulary, backbone, settings, progress) -> tuple[RunRecord, tuple, str]:
+    def _run(self, image, vocabulary, backbone, settings, progress, proxy=None) -> tuple[RunRecord, tuple, str]:
         """One forward pass for a session → (its RunRecord, the two mask images, the summary line)."""
         backbone = backbone or self.default_backbone
-        plan, (fitted,) = self._prepare(image, vocabulary, backbone, [settings])
-        key = run_key(image, vocabulary, backbone, settings)
+        proxy = chosen_proxy(settings.method, proxy)
+        plan, (fitted,) = self._prepare(image, vocabulary, backbone, [settings], proxy)
+        key = run_key(image, vocabulary, backbone, settings, proxy)
         with self._model_slot(progress):
-            baseline, fsa_result = self._infer(backbone, plan.image.rgb, plan.vocabulary, fitted, progress)
+            baseline, fsa_result = self._infer(backbone, plan.image.rgb, plan.vocabulary, fitted, progress, proxy)
         masks = mask_images(baseline, fsa_result)
-        summary = run_summary(fsa_result or baseline, settings)
+        (window,) = plan.windows
+        summary = run_summary(fsa_result or baseline, settings, proxy_label=window.proxy_label)
         record = RunRecord(key=key, image=baseline.image, class_names=tuple(baseline.class_names),
                            diagnostics=None if fsa_result is None else fsa_result.diagnostics,
                            input_size=plan.image.source_size, method=baseline.method,
@@ -246,25 +272,28 @@ class DemoApp:
     # -- callbacks ----------------------------------------------------------------------------
     def run(self, record, image, vocabulary, method, backbone, fsa_on, isolation, pruning, ensemble, lam, p,
             short_side, crop, stride, logit_scale, bg_threshold, similarity=PAPER_SIMILARITY,
-            iterations=PAPER_ITERATIONS, blocks="", progress=gr.Progress()):
+            iterations=PAPER_ITERATIONS, blocks="", proxy=DEFAULT_PROXY, progress=gr.Progress()):
         """Segment button: both masks, the summary line; resets the clicked-patch view.
 
-        similarity, iterations, blocks: the "Explore beyond the paper" fields (defaults = the paper).
+        similarity, iterations, blocks: the "Explore beyond the paper" fields (defaults = the paper); proxy:
+        ProxyCLIP's proxy (`fsa.config.PROXIES`; ignored by the other methods).
         """
         settings = self.settings(method, fsa_on, isolation, pruning, ensemble, lam, p, short_side, crop, stride,
                                  logit_scale, bg_threshold,
                                  **self.feedback_switches(backbone, fsa_on, similarity, iterations, blocks))
-        record, (baseline_img, fsa_img), summary = self._run(image, vocabulary, backbone, settings, progress)
+        record, (baseline_img, fsa_img), summary = self._run(image, vocabulary, backbone, settings, progress, proxy)
         cleared = (None,) * 5 + ("Click a point on the image or on a mask to inspect its patch.",)
         return (baseline_img, fsa_img, summary, record) + cleared
 
     def api_segment(self, record, image, vocabulary, method, fsa_on, isolation, pruning, ensemble, lam, p,
-                    similarity=PAPER_SIMILARITY, iterations=PAPER_ITERATIONS, blocks="", progress=gr.Progress()):
-        """/segment: (image, vocabulary, method, FSA settings[, similarity, iterations, blocks]) → baseline mask,
-        FSA mask, summary. The last three are beyond the paper; their defaults are the paper's."""
+                    similarity=PAPER_SIMILARITY, iterations=PAPER_ITERATIONS, blocks="", proxy=DEFAULT_PROXY,
+                    progress=gr.Progress()):
+        """/segment: (image, vocabulary, method, FSA settings[, similarity, iterations, blocks, proxy]) → baseline
+        mask, FSA mask, summary. similarity, iterations and blocks are beyond the paper (their defaults are the
+        paper's); proxy is ProxyCLIP's (default DINO ViT-B/8; ignored by the other methods)."""
         settings = self.settings(method, fsa_on, isolation, pruning, ensemble, lam, p,
                                  **self.feedback_switches(None, fsa_on, similarity, iterations, blocks))
-        record, (baseline_img, fsa_img), summary = self._run(image, vocabulary, None, settings, progress)
+        record, (baseline_img, fsa_img), summary = self._run(image, vocabulary, None, settings, progress, proxy)
         return baseline_img, fsa_img, summary, record
 
     def api_attention(self, record, image, vocabulary, method, x, y, head, progress=gr.Progress()):
@@ -320,8 +349,9 @@ class DemoApp:
         return attention_views(record, head)
 
     def compare_all(self, image, vocabulary, backbone, fsa_on, isolation, pruning, ensemble, lam, p, short_side,
-                    bg_threshold, progress=gr.Progress()):
-        """Every baseline with and without FSA (each with its own window and logit-scale defaults).
+                    bg_threshold, proxy=DEFAULT_PROXY, progress=gr.Progress()):
+        """Every baseline with and without FSA (each with its own window and logit-scale defaults); ProxyCLIP's
+        column runs `proxy` (the page's selector, DINO ViT-B/8 unless another is chosen).
 
         Each method's cells are drawn as soon as its pass exists and the pass is dropped: one method's
         results in memory at a time, whatever the number of baselines.
@@ -329,13 +359,16 @@ class DemoApp:
         backbone = backbone or self.default_backbone
         settings_list = [self.settings(m, True, isolation, pruning, ensemble, lam, p, short_side, None, None, None,
                                        bg_threshold, keep_diagnostics=False) for m in METHODS]
-        plan, fitted = self._prepare(image, vocabulary, backbone, settings_list)
+        proxy = chosen_proxy("proxyclip", proxy)
+        plan, fitted = self._prepare(image, vocabulary, backbone, settings_list, proxy)
         with self._model_slot(progress):
-            names, rows = self._infer_cells(backbone, plan.image.rgb, plan.vocabulary, fitted, progress)
+            names, rows = self._infer_cells(backbone, plan.image.rgb, plan.vocabulary, fitted, progress, proxy)
         self.release_memory()
         if names is None:
             raise gr.Error(rows[0][3], title="Weights missing")
-        return compare_view(names, rows, backbone, self.is_test_model, fsa_on, settings_list[0].feedback)
+        grid, text = compare_view(names, rows, backbone, self.is_test_model, fsa_on, settings_list[0].feedback)
+        label = next((w.proxy_label for w in plan.windows if w.proxy_label), None)
+        return grid, text + (f"\n\nProxyCLIP ran with the {label} proxy." if label else "")
 
     # -- scoring against a reference mask -----------------------------------------------------------
     def score(self, record, reference_file):
@@ -381,8 +414,18 @@ class DemoApp:
         return METHOD_DEFAULTS.get(method or "clearclip", METHOD_DEFAULTS["clearclip"]).short_side
 
     @staticmethod
-    def backbone_defaults(backbone: str):
-        return default_lambda(backbone or "")
+    def backbone_defaults(backbone: str, method: Optional[str] = None, proxy: Optional[str] = None):
+        """λ the paper uses for the backbone, and for ProxyCLIP's proxy when ProxyCLIP is the method (4.5 with
+        MAE)."""
+        return default_lambda(backbone or "", proxy if method == "proxyclip" else None)
+
+    def proxy_visibility(self, method: str, backbone: str, proxy: Optional[str]):
+        """Method selector: the proxy selector shown for ProxyCLIP only; λ reset to the paper's when the chosen
+        proxy has its own (MAE), else left as the user set it."""
+        shown = gr.update(visible=method == "proxyclip")
+        if default_lambda(backbone or "", proxy) == default_lambda(backbone or ""):
+            return shown, gr.skip()
+        return shown, self.backbone_defaults(backbone, method, proxy)
 
     # -- explore beyond the paper -------------------------------------------------------------------
     def tower_depth(self, backbone: Optional[str] = None) -> int:

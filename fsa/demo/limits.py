@@ -9,7 +9,7 @@ from typing import Mapping, Optional, Sequence
 
 from ..config import METHOD_DEFAULTS, SegmentSettings
 from ..images import DEFAULT_MAX_PIXELS
-from ..planning import RequestPlan
+from ..planning import RequestPlan, WindowPlan
 
 
 def _env_number(environ: Mapping[str, str], name: str, default, kind: type):
@@ -81,6 +81,10 @@ CLASS_BUDGET_PIXELS = 597 * 448
 #: batch of 4. The batch shrinks to fit; a single window above the budget is refused.
 ATTENTION_BUDGET_BYTES = 2**30
 ATTENTION_COPIES = 2
+#: ProxyCLIP's N×N matrices over the proxy grid alive at once for one window: ONE affinity shared by all heads,
+#: its softmax, and FSA's similarity, kept set, A_new and ensemble. Measured on CPU with ViT-B/16 at N = 4096
+#: (SAM's 64×64 grid): 3.2 (baseline) and 6.9 (FSA, details kept) such float32 matrices per window.
+PROXYCLIP_MATRICES = 8
 #: Class names encoded at once (× 80 prompts). Measured on ViT-B/16, 40 new names: 2 a batch peak at +272 MB
 #: in 16 s, 8 a batch at +365 MB in 20 s.
 TEXT_NAMES_PER_BATCH = 2
@@ -110,10 +114,33 @@ def class_budget_message(queries: int, working_hw: tuple[int, int], max_classes:
             f"{allowed}{where}. Remove some names (limit FSA_MAX_CLASSES={max_classes}).")
 
 
+def attention_bytes(tokens: int, heads: int) -> int:
+    """Bytes of one window's attention: `heads` (tokens + 1)² float32 matrices, ATTENTION_COPIES of each."""
+    return heads * (tokens + 1) ** 2 * 4 * ATTENTION_COPIES
+
+
 def window_batch_for(tokens: int, heads: int, requested: int) -> int:
     """Windows per forward pass so that their attention stays within ATTENTION_BUDGET_BYTES (0: none fits)."""
-    per_window = heads * (tokens + 1) ** 2 * 4 * ATTENTION_COPIES
-    return max(0, min(requested, ATTENTION_BUDGET_BYTES // per_window))
+    return max(0, min(requested, ATTENTION_BUDGET_BYTES // attention_bytes(tokens, heads)))
+
+
+def window_needs(windows: WindowPlan) -> list[tuple[str, int]]:
+    """(what, bytes) of each attention one window of `windows` builds, one after the other: CLIP's heads over its
+    patches; with ProxyCLIP, the proxy's own forward (its heads over its own tokens: SAM's global blocks over
+    4096, a few heads at a time) and the one N×N affinity over the proxy grid, shared by all heads."""
+    gh, gw = windows.clip_grid
+    needs = [(f"CLIP's attention ({windows.heads} heads over {gh}×{gw} patches)",
+              attention_bytes(windows.clip_tokens, windows.heads))]
+    if windows.proxy_grid is not None:
+        ph, pw = windows.proxy_grid
+        proxy = f"the {windows.proxy_label} proxy ({windows.proxy_name})"
+        if windows.proxy_attention is not None:
+            matrices, tokens = windows.proxy_attention
+            needs.append((f"{proxy}'s own attention ({matrices} heads at once over {tokens} tokens)",
+                          matrices * tokens ** 2 * 4 * ATTENTION_COPIES))
+        needs.append((f"ProxyCLIP's {ph * pw}×{ph * pw} affinity over {proxy}'s {ph}×{pw} grid",
+                      PROXYCLIP_MATRICES * (ph * pw) ** 2 * 4))
+    return needs
 
 
 class OverBudget(ValueError):
@@ -130,12 +157,19 @@ def fit_to_budget(plan: RequestPlan, limits: RuntimeLimits,
         raise OverBudget(message)
     fitted = []
     for settings, windows in zip(settings_list, plan.windows, strict=True):
-        batch = window_batch_for(windows.tokens, windows.heads, settings.window_batch)
+        what, need = max(window_needs(windows), key=lambda item: item[1])
+        batch = max(0, min(settings.window_batch, ATTENTION_BUDGET_BYTES // need))
         if batch < 1:
             win_h, win_w = windows.window_size
+            advice = (f"Lower the window crop (the method's default is {METHOD_DEFAULTS[settings.method].crop}) or "
+                      f"the short side in Advanced settings.")
+            if windows.proxy_grid is None:
+                raise OverBudget(f"A {win_w}×{win_h}-pixel window ({windows.tokens} patches) needs more attention "
+                                 f"memory than this server allows. {advice}")
+            advice = advice[:-1] + ", or pick another proxy (SAM's grid is 64×64 whatever the window)."
             raise OverBudget(
-                f"A {win_w}×{win_h}-pixel window ({windows.tokens} patches) needs more attention memory than this "
-                f"server allows. Lower the window crop (the method's default is "
-                f"{METHOD_DEFAULTS[settings.method].crop}) or the short side in Advanced settings.")
+                f"A {win_w}×{win_h}-pixel window needs more attention memory than this server allows with the "
+                f"{windows.proxy_label} proxy ({windows.proxy_name}): {what} takes {need / 2**20:.0f} MiB of the "
+                f"{ATTENTION_BUDGET_BYTES / 2**20:.0f} MiB a batch of windows may use. {advice}")
         fitted.append(settings if batch == settings.window_batch else replace(settings, window_batch=batch))
     return fitted

@@ -21,7 +21,7 @@ from .forms import (
     ITERATIONS_MAX, MEAN_HEADS, PAPER_ITERATIONS, PAPER_SIMILARITY, SIMILARITY_CHOICES, head_choices, pass_choices,
 )
 from .guards import check_number_inputs, decoded_image_input, friendly_errors
-from .handlers import DemoApp
+from .handlers import DEFAULT_PROXY, DemoApp, proxy_choices
 from .interactive import PageEvents
 from .server import launch_options, server_options
 from .views import HEATMAP_FORMAT, NO_STEPS_MESSAGE
@@ -200,6 +200,10 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
                                          label="Baseline", elem_id="method")
                     backbone = gr.Dropdown(app.backbone_choices(), value=app.default_backbone, label="Backbone",
                                            elem_id="backbone")
+                # ProxyCLIP's proxy vision model: shown only when ProxyCLIP is the baseline
+                proxy = gr.Dropdown(proxy_choices(), value=DEFAULT_PROXY, label="ProxyCLIP proxy", elem_id="proxy",
+                                    visible=False, info="The vision model whose patch affinity ProxyCLIP uses; "
+                                                        "SAM (64×64 grid) is slow on a CPU.")
                 with gr.Row():
                     run = gr.Button("Segment", variant="primary", elem_id="run")
                     compare = gr.Button("Compare all baselines", elem_id="compare-all")
@@ -338,7 +342,7 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
         run_inputs = [record, image, classes, method, backbone, fsa_on, isolation, pruning, ensemble, lam, p,
                       short_side, crop, stride, logit_scale, bg_threshold]
         beyond = [beyond_similarity, beyond_iterations, beyond_blocks]
-        run_inputs += beyond
+        run_inputs += beyond + [proxy]
         # Segment: the results come into view at once (the progress shows on the masks), a refusal is said in
         # the summary while the last good masks stay (PageEvents.segment), and the markers go.
         reveal_results = "() => { window.fsaReveal('mask-row', 'run-info'); }"
@@ -353,7 +357,7 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
         compare.click(lambda: gr.Accordion(open=True), None, compare_section, api_visibility="private",
                       queue=False, js="() => { window.fsaScroll('compare-section'); }")
         compare.click(wrap(app.compare_all), [image, classes, backbone, fsa_on, isolation, pruning, ensemble, lam, p,
-                                              short_side, bg_threshold], [compare_grid, compare_info],
+                                              short_side, bg_threshold, proxy], [compare_grid, compare_info],
                       api_name="compare_all", show_progress_on=[compare_grid], **model_job
                       ).then(None, None, None, js="() => { window.fsaReveal('compare-grid', 'compare-section'); }",
                              queue=False)
@@ -382,9 +386,13 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
                     concurrency_id="budget", concurrency_limit=1, show_progress="hidden", trigger_mode="always_last")
         method.change(app.method_defaults, method, [short_side, crop, stride, logit_scale],
                       api_visibility="private", queue=False)
-        backbone.change(app.backbone_defaults, backbone, lam, api_visibility="private", queue=False)
+        backbone.change(app.backbone_defaults, [backbone, method, proxy], lam, api_visibility="private", queue=False)
+        proxy.change(app.backbone_defaults, [backbone, method, proxy], lam, api_visibility="private", queue=False)
+        method.change(app.proxy_visibility, [method, backbone, proxy], [proxy, lam], api_visibility="private",
+                      queue=False)
         api_segment.click(wrap(app.api_segment),
-                          [record, image, classes, method, fsa_on, isolation, pruning, ensemble, lam, p] + beyond,
+                          [record, image, classes, method, fsa_on, isolation, pruning, ensemble, lam, p] + beyond
+                          + [proxy],
                           [mask_baseline, mask_fsa, run_info, record], api_name="segment", **model_job)
         # /attention answers from the session's cached pass without the model; when it has to run a pass it
         # takes a model slot itself (DemoApp._model_slot), so it stays out of the "model" queue.

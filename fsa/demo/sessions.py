@@ -117,6 +117,8 @@ def image_digest(image) -> str:
     return h.hexdigest()
 
 
-def run_key(image, vocabulary: str, backbone: str, settings) -> tuple:
-    """What a `RunRecord` was made for: a later request with the same key may reuse its pass."""
-    return image_digest(image), vocabulary, backbone, settings
+def run_key(image, vocabulary: str, backbone: str, settings, proxy: Optional[str] = None) -> tuple:
+    """What a `RunRecord` was made for: a later request with the same key may reuse its pass. proxy: ProxyCLIP's
+    proxy (part of the key when given)."""
+    key = (image_digest(image), vocabulary, backbone, settings)
+    return key if proxy is None else key + (proxy,)

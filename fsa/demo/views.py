@@ -115,8 +115,9 @@ def mask_images(baseline, fsa_result) -> tuple[np.ndarray, Optional[np.ndarray]]
     return panel(baseline), panel(fsa_result)
 
 
-def run_summary(res, settings) -> str:
-    """One line about a pass (`res`: the FSA result when FSA ran, else the baseline's)."""
+def run_summary(res, settings, proxy_label: Optional[str] = None) -> str:
+    """One line about a pass (`res`: the FSA result when FSA ran, else the baseline's); `proxy_label`: ProxyCLIP's
+    proxy (e.g. "SAM ViT-B/16"), named with its grid."""
     label = METHOD_LABELS[res.method] + (" + FSA" if res.fsa_enabled else " (FSA off)")
     crop = settings.resolved_crop()
     if len(res.windows) == 1:
@@ -125,7 +126,11 @@ def run_summary(res, settings) -> str:
         layout = f"{len(res.windows)} windows ({crop} px crop, stride {settings.resolved_stride()})"
     timings = ", ".join(f"{k} {v:.2f} s" for k, v in res.timings.items())
     gh, gw = res.grid
-    line = (f"**{label}** on {res.backbone} · patch grid **{gh}×{gw}** per window, {layout} (image resized "
+    grid = f"patch grid **{gh}×{gw}** per window"
+    if proxy_label and res.method == "proxyclip":
+        label += f" with {proxy_label} proxy"
+        grid = f"**{gh}×{gw}** grid per window (CLIP's {res.clip_grid[0]}×{res.clip_grid[1]})"
+    line = (f"**{label}** on {res.backbone} · {grid}, {layout} (image resized "
             f"to {res.working_size[1]}×{res.working_size[0]}) · timings: {timings}")
     notes = list(res.notes)
     if res.is_test_model:
