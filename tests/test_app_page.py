@@ -168,3 +168,20 @@ def test_score_takes_the_uploaded_or_the_segmented_size():
     assert "uploaded size, 32×24" in note
     with pytest.raises(ValueError, match=r"is 20×10 pixels but the segmented image is 16×12: .*uploaded \(32×24\)"):
         reference_at_size(np.zeros((10, 20), int), (12, 16), source_size=(32, 24))
+
+
+def test_page_keeps_its_ids_and_explains_each_fsa_part(app):
+    from fsa.demo.page import HELP, build_demo
+
+    demo = build_demo(app)
+    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    for elem_id in ("image-input", "classes", "run", "mask-baseline", "mask-fsa", "attn-original", "attn-adapted"):
+        assert elem_id in by_id, elem_id
+    for elem_id, key in (("fsa-isolation", "isolation"), ("fsa-pruning", "pruning"), ("fsa-ensemble", "ensemble"),
+                         ("fsa-lambda", "lambda"), ("fsa-p", "p")):
+        assert by_id[elem_id].info == HELP[key] and len(HELP[key].split(".")) <= 3
+    # the steps of the paper's method sit under the clicked patch, not in "Explore beyond the paper"
+    accordions = [b.elem_id for b in demo.blocks.values() if isinstance(b, gr.Accordion)]
+    assert accordions.index("steps-section") < accordions.index("beyond-section")
+    assert not by_id["compare-section"].open  # closed until used
+    assert by_id["patch-row"].precision == 0 and by_id["patch-col"].precision == 0

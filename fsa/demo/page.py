@@ -111,7 +111,7 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
                     compare = gr.Button("Compare all baselines", elem_id="compare-all")
                 with gr.Group(elem_classes="after-results"):
                     fsa_on = gr.Checkbox(True, label="FSA (feedback self-adaptive attention)", elem_id="fsa-toggle",
-                                         info="Off: the baseline alone (the right-hand mask stays empty).")
+                                         info="Off: the baseline alone (the “Baseline + FSA” mask stays empty).")
                 with gr.Accordion("FSA parts", open=False, elem_id="fsa-parts", elem_classes="after-results"):
                     isolation = gr.Checkbox(True, label="Attention isolation", elem_id="fsa-isolation",
                                             info=HELP["isolation"])
