@@ -289,7 +289,14 @@ def test_compare_all_opens_in_view_with_a_compact_grid(browser, url, shots):
         page.close()
 
 
-def test_errors_are_messages_not_tracebacks(page, shots):
+def test_errors_are_messages_not_tracebacks(page, shots, tmp_path):
+    # an unreadable upload is said when it is uploaded, under the vocabulary
+    bad = tmp_path / "notes.png"
+    bad.write_text("a text file named .png\n")
+    page.locator("#image-input input[type=file]").set_input_files(str(bad))
+    page.wait_for_function("() => document.querySelector('#class-budget').innerText.includes('cannot be used')")
+    assert "/tmp" not in page.locator("#class-budget").inner_text()  # no server path
+    page.locator("#image-input button[aria-label='Remove Image']").first.click()
     page.locator("#classes textarea").fill("cat")
     page.locator("#run").click()
     _toast(page, "Upload an image first")
