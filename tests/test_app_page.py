@@ -110,8 +110,8 @@ def test_budget_before_segment_and_unreadable_upload(events, photo, tmp_path):
 
 def _segment(events, record, photo, vocabulary, fsa_on=True):
     d = METHOD_DEFAULTS["clearclip"]
-    return events.segment_button(record, photo, vocabulary, "clearclip", events.app.default_backbone, fsa_on, True, True,
-                          True, 3.0, 0.45, 64, d.crop, d.stride, d.logit_scale, 0.0, progress=None)
+    return events.segment_button(record, photo, vocabulary, "clearclip", events.app.default_backbone, fsa_on, True,
+                                 True, True, 3.0, 0.45, 64, d.crop, d.stride, d.logit_scale, 0.0, progress=None)
 
 
 def test_a_refused_run_keeps_the_last_masks_and_says_why_inline(events, photo):

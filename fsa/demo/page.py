@@ -149,7 +149,8 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
                 with gr.Row(elem_id="mask-row"):
                     with gr.Column(min_width=160):
                         mask_baseline = gr.Image(label="Baseline", type="numpy", format="png", interactive=False,
-                                                 elem_id="mask-baseline", height=300, alt_text="Baseline mask: none yet")
+                                                 elem_id="mask-baseline", height=300,
+                                                 alt_text="Baseline mask: none yet")
                         legend_baseline = gr.HTML("", elem_id="legend-baseline", padding=False)
                     with gr.Column(min_width=160):
                         mask_fsa = gr.Image(label="Baseline + FSA", type="numpy", format="png", interactive=False,
@@ -160,9 +161,9 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
                             elem_id="patch-heading")
                 with gr.Row(elem_id="patch-controls"):
                     patch_row = gr.Number(None, label="Patch row", precision=0, elem_id="patch-row",
-                                          min_width=90)
+                                          placeholder="from 1", min_width=90)
                     patch_col = gr.Number(None, label="Patch column", precision=0, elem_id="patch-col",
-                                          min_width=90)
+                                          placeholder="from 1", min_width=90)
                     patch_go = gr.Button("Show patch", elem_id="patch-go", min_width=110)
                     head = gr.Dropdown(head_choices(app.num_heads), value=MEAN_HEADS, label="Attention head",
                                        elem_id="head", min_width=190, scale=2)
@@ -253,8 +254,8 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
                   [mask_baseline, mask_fsa, run_info, record] + attention
                   + [legend_baseline, legend_fsa, marker, patch_row, patch_col],
                   api_visibility="private", show_progress_on=[mask_baseline, mask_fsa], **model_job
-                  ).then(None, marker, None, js="(v) => { window.fsaMarkers(v); window.fsaReveal('mask-row', 'run-info'); }",
-                         queue=False)
+                  ).then(None, marker, None, queue=False,
+                         js="(v) => { window.fsaMarkers(v); window.fsaReveal('mask-row', 'run-info'); }")
         # Compare all: its section opens and comes into view, with the progress on its grid.
         compare.click(lambda: gr.Accordion(open=True), None, compare_section, api_visibility="private",
                       queue=False, js="() => { window.fsaScroll('compare-section'); }")

@@ -307,9 +307,9 @@ def mask_alt_text(title: str, class_names, labels: Optional[np.ndarray]) -> str:
 
 
 def html_legend(title: str, class_names, colors, labels: Optional[np.ndarray], note: str = "") -> str:
-    """An HTML legend of a mask: one colour swatch and name per class, largest first is not needed (the
-    vocabulary's order, as in the picture); classes absent from the mask are marked "absent" in a darker grey
-    that still has ≥ 4.5:1 contrast. `note` (e.g. why the mask is empty) replaces the items when given."""
+    """An HTML legend of a mask: one colour swatch, name and share of the image per class, in the vocabulary's
+    order; classes absent from the mask are marked "absent" in a grey that still has ≥ 4.5:1 contrast. `note`
+    (e.g. why the mask is empty) replaces the items when given."""
     head = f'<div class="fsa-legend" role="group" aria-label="{_escape(title)} legend" ' \
            f'style="background:{LEGEND_BACKGROUND};color:{LEGEND_TEXT}">'
     if note or labels is None:
@@ -325,8 +325,8 @@ def html_legend(title: str, class_names, colors, labels: Optional[np.ndarray], n
     return head + f'<ul>{"".join(items)}</ul></div>'
 
 
-FSA_OFF_NOTE = ("FSA is off, so there is no “Baseline + FSA” mask: tick “FSA (feedback self-adaptive attention)” "
-                "and press Segment.")
+FSA_OFF_NOTE = ("FSA is off, so there is no “Baseline + FSA” mask: tick “FSA (feedback self-adaptive "
+                "attention)” and press Segment.")
 
 
 def mask_companions(record) -> tuple[dict, dict, str, str]:
@@ -350,7 +350,8 @@ def mask_companions(record) -> tuple[dict, dict, str, str]:
 def budget_line(allowed: int, queries: Optional[int], working_hw: Optional[tuple[int, int]]) -> str:
     """The class budget under the vocabulary: "up to N names for this image", and whether the vocabulary fits."""
     if working_hw is None:
-        text = f"Up to {allowed} names (classes and synonyms) for a photo at the default size; larger images take fewer."
+        text = (f"Up to {allowed} names (classes and synonyms) for a photo at the default size; larger images take "
+                f"fewer.")
     else:
         text = (f"Up to **{allowed} names** (classes and synonyms) for this image "
                 f"(worked on at {working_hw[1]}×{working_hw[0]} pixels).")
