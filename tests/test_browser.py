@@ -303,7 +303,8 @@ def test_errors_are_messages_not_tracebacks(page, shots, tmp_path):
     _upload(page, REPO / "examples" / "chelsea_cat.jpg")
     _click_picture(page, "#image-input img", 0.5, 0.5)
     _toast(page, "Run a segmentation first")
-    assert "Segment" in page.locator("#attn-info").inner_text()  # said where the user looks, too
+    # said where the user looks, too (the toast may come first)
+    page.wait_for_function("() => document.querySelector('#attn-info').innerText.includes('Segment')")
     assert page.get_by_text("Error", exact=True).count() == 0  # no bare Error badge on the panels
     page.screenshot(path=str(shots / "3_errors.png"), full_page=True)
     assert "Traceback" not in page.content()

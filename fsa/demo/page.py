@@ -282,11 +282,11 @@ def build_demo(app: Optional[DemoApp] = None) -> gr.Blocks:
         for trigger in (head.input, common_scale.input):
             trigger(wrap(events.redraw), patch_inputs, attention + [head], **click_job)
         # The class budget of the uploaded image, before Segment; an unreadable upload is said at once.
-        # One handler for every trigger, one at a time, so that the last answer is the current one.
-        budget_inputs = [image, method, short_side, classes, measured]
-        for trigger in (image.change, method.change, short_side.blur, classes.change):
-            trigger(events.image_budget, budget_inputs, [measured, budget], api_visibility="private",
-                    concurrency_id="budget", concurrency_limit=1, show_progress="hidden", trigger_mode="always_last")
+        # One event for every trigger ("always_last": a trigger while it runs makes it run once more, with the
+        # values as they are then), so that the last answer is the current one.
+        gr.on([image.change, method.change, short_side.blur, classes.change], events.image_budget,
+              [image, method, short_side, classes, measured], [measured, budget], api_visibility="private",
+              concurrency_id="budget", concurrency_limit=1, show_progress="hidden", trigger_mode="always_last")
         method.change(app.method_defaults, method, [short_side, crop, stride, logit_scale],
                       api_visibility="private", queue=False)
         backbone.change(app.backbone_defaults, [backbone, method, proxy], lam, api_visibility="private", queue=False)
