@@ -57,7 +57,7 @@ def _load(source: MaskSource) -> tuple[np.ndarray, Optional[str]]:
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         if not path.is_file():
-            raise ValueError(f"reference mask file not found: {source}")
+            raise ValueError(f"reference mask file not found: {path.name}")
         try:
             with Image.open(path) as opened:
                 opened.load()
@@ -273,17 +273,27 @@ def score_against(baseline, fsa_result, reference: np.ndarray) -> ScoreReport:
 
 def reference_at_size(reference: np.ndarray, size: tuple[int, int],
                       source_size: Optional[tuple[int, int]] = None) -> tuple[np.ndarray, str]:
-    """A reference ``(H, W)`` of the user's image size `source_size` (width, height) → the segmented `size`
-    (h, w), nearest neighbour, with a note saying so; any other reference is returned as it is ("") and left
-    to `score_against`, which refuses a wrong size naming both."""
+    """A reference ``(H, W)`` at the segmented `size` (h, w) is used as it is; one at the user's image size
+    `source_size` (width, height) is brought to the segmented size (nearest neighbour). The note says which
+    size was used. Any other size: without `source_size` it is returned as it is (and left to
+    `score_against`); with it, a ValueError names both accepted sizes."""
     h, w = size
     rh, rw = reference.shape
-    if (rh, rw) == (h, w) or source_size is None or (rw, rh) != tuple(source_size):
+    if (rh, rw) == (h, w):
+        same = source_size is not None and tuple(source_size) == (w, h)
+        return reference, ("" if source_size is None else
+                           f"The reference was used at the {'uploaded and ' if same else ''}segmented size, "
+                           f"{w}×{h} pixels.")
+    if source_size is None:
         return reference, ""
+    sw, sh = source_size
+    if (rw, rh) != (sw, sh):
+        raise ValueError(f"the reference mask is {rw}×{rh} pixels but the segmented image is {w}×{h}: give it "
+                         f"at that size or at the size of the image you uploaded ({sw}×{sh})")
     small = cv2.resize(reference.astype(np.uint16), (w, h), interpolation=cv2.INTER_NEAREST)
-    return small.astype(np.int64), (f"Note: the image was segmented at {w}×{h} pixels (large uploads are "
-                                    f"reduced), so the {rw}×{rh} reference was reduced to that size with "
-                                    f"nearest-neighbour sampling before scoring.")
+    return small.astype(np.int64), (f"The reference was given at the uploaded size, {rw}×{rh} pixels; the image "
+                                    f"was segmented at {w}×{h}, so the reference was reduced to that size "
+                                    f"(nearest-neighbour sampling) before scoring.")
 
 
 def score_reference(source: MaskSource, baseline, fsa_result=None, *, colors: Optional[np.ndarray] = None,

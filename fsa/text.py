@@ -92,7 +92,8 @@ class TextFeatureCache:
             missing = list(dict.fromkeys(n for n in names if (clip.key, n) not in self._features))
             for start in range(0, len(missing), self.names_per_batch):
                 batch = missing[start:start + self.names_per_batch]
-                message = f"Encoding class names {start + 1}-{start + len(batch)} of {len(missing)}"
+                # no "k of n" beside the page's percentage, which is the whole run's: it read as nonsense
+                message = f"Encoding {len(missing)} new class name{'s' if len(missing) > 1 else ''} ({start} done)"
                 report_progress(progress, start / len(missing), message)
                 tokens = clip.tokenizer([p for name in batch for p in prompts(name)]).to(clip.device)
                 per_prompt = F.normalize(encode_prompts(clip.model, tokens).float(), dim=-1)  # (B*80, E)

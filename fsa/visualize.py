@@ -25,16 +25,20 @@ ERROR_COLOR: tuple[int, int, int] = (255, 0, 0)
 #: the two greys of the diagonal hatch over ignored pixels in `error_map` (both above any dimmed pixel)
 IGNORE_HATCH: tuple[tuple[int, int, int], tuple[int, int, int]] = ((150, 150, 150), (205, 205, 205))
 
-# Hand-picked, high-contrast first colours (Kelly's list, minus near-greys); more are generated.
+# Colour-blind-safe first colours: Okabe & Ito's seven (orange, sky blue, bluish green, yellow, blue,
+# vermillion, reddish purple), then Paul Tol's "muted" and "dark" sets; none is red then green at the start,
+# none is grey (the background's), black or white (ignore colours of a reference mask). More are generated.
 _BASE_COLORS = np.array(
     [
-        (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48),
-        (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
-        (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
-        (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128),
+        (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178),
+        (213, 94, 0), (204, 121, 167), (51, 34, 136), (136, 204, 238), (68, 170, 153),
+        (17, 119, 51), (153, 153, 51), (221, 204, 119), (204, 102, 119), (136, 34, 85),
+        (170, 68, 153), (102, 51, 0), (255, 170, 187), (0, 68, 136),
     ],
     dtype=np.uint8,
 )
+#: colour of the names of classes absent from a mask in `legend`: 5.9:1 against white (WCAG AA needs 4.5)
+ABSENT_TEXT_COLOR: tuple[int, int, int] = (100, 100, 100)
 
 
 def palette(n: int) -> np.ndarray:
@@ -151,7 +155,7 @@ def legend(
         color = tuple(int(c) for c in colors[i])
         faded = present_set is not None and i not in present_set
         draw.rectangle([x, y + 2, x + sw - 1, y + 2 + sw - 1], fill=color, outline=(0, 0, 0))
-        draw.text((x + sw + 4, y), str(class_names[i]), fill=(150, 150, 150) if faded else (0, 0, 0), font=font)
+        draw.text((x + sw + 4, y), str(class_names[i]), fill=ABSENT_TEXT_COLOR if faded else (0, 0, 0), font=font)
     return np.asarray(canvas)
 
 
@@ -391,12 +395,14 @@ def compare_grid(
     cell_width: int = 256,
     gap: int = 4,
     footer: Optional[np.ndarray] = None,
+    header: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """Images in a labelled grid: one row per entry of ``rows``, one column per ``col_labels``.
 
     Every cell is resized to ``cell_width`` pixels wide (aspect kept; a row takes its tallest
     cell's height). Row labels are drawn as a strip above each row, column labels once on top;
-    ``footer`` (e.g. a `legend` strip) is appended, left-aligned (shrunk if wider than the grid).
+    ``footer`` (e.g. a `legend` strip) is appended, left-aligned (shrunk if wider than the grid); ``header``
+    is put above everything the same way.
     """
     if len(rows) != len(row_labels):
         raise ValueError("one label per row")
@@ -405,13 +411,16 @@ def compare_grid(
         raise ValueError("every row needs one image per column label")
     width = ncol * cell_width + (ncol + 1) * gap
     white = (255, 255, 255)
-    parts = []
-    header = np.full((28, width, 3), 255, np.uint8)
+    parts = [] if header is None else [_left_aligned(header, width)]
+    titles = np.full((28, width, 3), 255, np.uint8)
     for j, label in enumerate(col_labels):
-        cell = _text_strip(str(label), cell_width, 16, white)
+        font = 16
+        while font > 9 and _text_width(_font(font), str(label)) > cell_width - 12:
+            font -= 1
+        cell = _text_strip(str(label), cell_width, font, white)
         x = gap + j * (cell_width + gap)
-        header[: cell.shape[0], x : x + cell_width] = cell[:28]
-    parts.append(header)
+        titles[: min(28, cell.shape[0]), x : x + cell_width] = cell[:28]
+    parts.append(titles)
     for label, row in zip(row_labels, rows):
         parts.append(_text_strip(str(label), width, 14))
         cells = [_fit(_as_rgb_uint8(im), cell_width) for im in row]
@@ -422,13 +431,39 @@ def compare_grid(
             band[: c.shape[0], x : x + cell_width] = c
         parts.append(band)
     if footer is not None:
-        foot = _as_rgb_uint8(footer)
-        if foot.shape[1] > width:
-            foot = _fit(foot, width)
-        padded = np.full((foot.shape[0], width, 3), 255, np.uint8)
-        padded[:, : foot.shape[1]] = foot
-        parts.append(padded)
+        parts.append(_left_aligned(footer, width))
     return np.concatenate(parts, axis=0)
+
+
+def _left_aligned(strip, width: int) -> np.ndarray:
+    """``strip`` on white, ``width`` pixels wide, left-aligned (shrunk if wider)."""
+    foot = _as_rgb_uint8(strip)
+    if foot.shape[1] > width:
+        foot = _fit(foot, width)
+    padded = np.full((foot.shape[0], width, 3), 255, np.uint8)
+    padded[:, : foot.shape[1]] = foot
+    return padded
+
+
+def with_colorbar(image, vmin: float, vmax: float, cmap: str = "inferno", font_size: int = 13) -> np.ndarray:
+    """``image`` with a horizontal colour bar of ``cmap`` from ``vmin`` to ``vmax`` below it, its two ends
+    labelled (the scale a `heatmap_overlay` drawn with those bounds used)."""
+    img = _as_rgb_uint8(image)
+    w = img.shape[1]
+    font = _font(font_size)
+    pad = 6
+    lo, hi = f"{vmin:.3g}", f"{vmax:.3g}"
+    x0 = pad + _text_width(font, lo) + 6
+    x1 = max(x0 + 10, w - pad - _text_width(font, hi) - 6)
+    bar_h = font_size + 2
+    strip = np.full((bar_h + 2 * pad, w, 3), 255, np.uint8)
+    ramp = apply_colormap(np.linspace(0.0, 1.0, x1 - x0)[None, :], cmap, vmin=0.0, vmax=1.0)
+    strip[pad : pad + bar_h, x0:x1] = ramp
+    canvas = Image.fromarray(strip)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, pad), lo, fill=(0, 0, 0), font=font)
+    draw.text((x1 + 6, pad), hi, fill=(0, 0, 0), font=font)
+    return np.concatenate([img, np.asarray(canvas)], axis=0)
 
 
 def error_map(image, labels: np.ndarray, reference: np.ndarray, ignore_index: int = 255) -> np.ndarray:

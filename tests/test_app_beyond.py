@@ -205,6 +205,6 @@ def test_steps_are_drawn_only_while_their_section_is_open(app, monkeypatch):
     assert app.feedback_steps_if_shown("rec", "pass 1", None, True) == ("g", "t", "p")
     assert drawn == [("rec", "pass 1", None)]
     demo = build_demo(app)
-    section = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "beyond-section")
+    section = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "steps-section")
     triggers = {(t[0], t[1]) for dep in demo.fns.values() for t in dep.targets}
     assert (section._id, "expand") in triggers and (section._id, "collapse") in triggers

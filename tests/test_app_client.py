@@ -18,6 +18,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from _app_fixtures import count_compare_calls, free_port, launched_app
+from fsa.config import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 W, H = 96, 64
@@ -174,7 +175,7 @@ def test_user_errors_reach_gradio_client_with_our_message_and_log_one_line(clien
 
 def test_compare_all(client, photo_path):
     grid, text = client.predict(handle_file(photo_path), "cup, table", api_name="/compare_all")
-    assert Image.open(grid).size[0] == 2 * 256 + 3 * 4 and "baselines" in text
+    assert Image.open(grid).size[0] == len(METHODS) * 256 + (len(METHODS) + 1) * 4 and "baselines" in text
 
 
 def test_score_against_a_reference_mask(server, client, photo_path, tmp_path):

@@ -329,7 +329,7 @@ def test_score_a_large_upload_reduces_the_reference_and_says_so(app, tmp_path):
     assert record.image.shape[:2] == (H, W) and record.input_size == (2 * W, 2 * H)
     path, ref = _reference_png(tmp_path, len(record.class_names), size=(2 * W, 2 * H))
     table, _ = app.score(record, path)
-    assert f"the {2 * W}×{2 * H} reference was reduced to that size" in table
+    assert f"given at the uploaded size, {2 * W}×{2 * H} pixels" in table and "reduced to that size" in table
     small = ref[::2, ::2]  # nearest neighbour by 2 keeps every other pixel
     assert _miou_row(table)[:2] == [round(score_against(*record.masks(), small).baseline.miou, 2),
                                     round(score_against(*record.masks(), small).fsa.miou, 2)]
@@ -349,10 +349,12 @@ def test_api_score_runs_once_then_reuses(app, photo, tmp_path, compare_calls):
 def test_compare_all_renders_every_baseline(app, photo):
     grid, text = app.compare_all(photo, "cup, table", None, True, True, True, True, 3.0, 0.45, 64, 0.0,
                                  progress=None)
-    assert grid.dtype == np.uint8 and grid.shape[1] == 2 * 256 + 3 * 4
+    assert grid.dtype == np.uint8 and grid.shape[1] == len(METHODS) * 256 + (len(METHODS) + 1) * 4
     assert text.startswith(f"{len(METHODS)} baselines")
-    # every row holds two 256-px-wide cells of the 96×64 image (scaled to 256×171), plus labels
-    assert grid.shape[0] > len(METHODS) * 171
+    # baselines as columns: two rows (without, with FSA) of 256-px-wide cells of the 96×64 image (256×171),
+    # the legend and the labels on top
+    assert 2 * 171 < grid.shape[0] < 3 * 171 + 200
+    assert "λ = 3, p = 0.45" in text and "isolation on" in text
     with pytest.raises(gr.Error, match="Upload an image"):
         friendly_errors(app.compare_all)(None, "cup", None, True, True, True, True, 3.0, 0.45, 64, 0.0,
                                                   progress=None)

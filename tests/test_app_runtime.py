@@ -193,7 +193,7 @@ def test_compare_all_holds_one_methods_results_at_a_time(app, files, monkeypatch
                                  progress=None)
     assert len(earlier) == 3 * len(METHODS)
     assert text.startswith(f"{len(METHODS)} baselines")
-    assert grid.shape[1] == 2 * COMPARE_CELL_WIDTH + 3 * 4
+    assert grid.shape[1] == len(METHODS) * COMPARE_CELL_WIDTH + (len(METHODS) + 1) * 4
 
 
 def test_compare_all_cells_equal_the_masks_of_each_method(app, files):
@@ -216,13 +216,14 @@ def test_compare_all_cells_equal_the_masks_of_each_method(app, files):
 def test_queue_groups_and_progress(app):
     demo = build_demo(app)
     fns = {fn.api_name: fn for fn in demo.fns.values()}
-    for name in ("run", "segment", "compare_all"):
+    for name in ("segment_button", "segment", "compare_all"):
         assert (fns[name].concurrency_id, fns[name].concurrency_limit) == ("model", app.limits.concurrency)
     assert fns["attention"].concurrency_id == "attention"  # a cached click never waits behind passes
-    for name in ("run", "segment", "compare_all", "attention"):
+    for name in ("segment_button", "segment", "compare_all", "attention"):
         assert fns[name].show_progress == "full"  # the queue position and the progress bar
     clicks = [fn for fn in demo.fns.values() if fn.concurrency_id == "click"]
-    assert len(clicks) == 4  # image, two masks, head selector
+    # image, two masks, the patch button and its two number fields (Enter), head selector, common scale
+    assert len(clicks) == 8
     state = next(b for b in demo.blocks.values() if isinstance(b, gr.State))
     assert state.time_to_live == app.limits.session_ttl
     assert demo.delete_cache == (int(app.limits.temp_sweep_every), int(app.limits.temp_ttl))

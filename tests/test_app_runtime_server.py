@@ -206,7 +206,8 @@ def test_a_job_whose_page_closed_stops_at_its_next_progress_report(server, files
     fn_index = next(i for i, fn in demo.fns.items() if fn.api_name == "segment")
     image = {"path": uploaded, "orig_name": "coffee_small.png", "meta": {"_type": "gradio.FileData"}}
     # None: the session state; then the paper's beyond-the-paper switches (similarity, iterations, blocks)
-    data = [None, image, VOCAB, "clearclip", True, True, True, True, 3.0, 0.45, "kl", 1, ""]
+    # raw HTTP: every input, the trailing proxy too (Gradio fills no default)
+    data = [None, image, VOCAB, "clearclip", True, True, True, True, 3.0, 0.45, "kl", 1, "", "dino-b8"]
     joined = httpx.post(f"{api}/queue/join", json={"data": data, "fn_index": fn_index, "session_hash": session,
                                                     "event_data": None, "trigger_id": None})
     assert joined.status_code == 200, joined.text

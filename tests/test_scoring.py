@@ -105,14 +105,14 @@ def test_values_that_name_no_class_are_named(tmp_path):
 def test_unknown_colours_are_counted_and_listed(tmp_path):
     rgb = viz.colorize(_labels(6), len(NAMES), viz.class_colors(NAMES))
     rgb[0, :3] = (1, 2, 3)
-    rgb[1, 0] = (231, 25, 75)  # one off the "cat" colour: an anti-aliasing fringe is not forgiven
+    rgb[1, 0] = (231, 159, 0)  # one off the "cat" colour: an anti-aliasing fringe is not forgiven
     Image.fromarray(rgb).save(tmp_path / "u.png")
     with pytest.raises(ValueError) as info:
         read_reference_mask(tmp_path / "u.png", NAMES)
     message = str(info.value)
     assert "4 pixels in 2 colours" in message
-    assert "(1, 2, 3) × 3" in message and "(231, 25, 75) × 1" in message
-    assert "cat = (230, 25, 75)" in message and "black and white mean ignore" in message
+    assert "(1, 2, 3) × 3" in message and "(231, 159, 0) × 1" in message
+    assert "cat = (230, 159, 0)" in message and "black and white mean ignore" in message
 
 
 def test_jpeg_and_grey_rgb_masks_get_a_hint(tmp_path):

@@ -100,7 +100,8 @@ def test_batches_and_progress(clip, counting):
     messages = []
     TextFeatureCache(names_per_batch=2).encode(clip, ["a", "b", "c"], progress=lambda f, m: messages.append((f, m)))
     assert counting == [160, 80]
-    assert messages[0] == (0.0, "Encoding class names 1-2 of 3") and messages[-1][0] == 1.0
+    assert messages[0] == (0.0, "Encoding 3 new class names (0 done)") and messages[1] == (2 / 3, "Encoding 3 new class names (2 done)")
+    assert messages[-1][0] == 1.0
 
 
 def test_on_encoded_runs_after_new_names_only(clip, counting):

@@ -1,6 +1,8 @@
 """fsa.visualize: pure drawing, checked pixel by pixel on small synthetic inputs."""
 from __future__ import annotations
 
+import colorsys
+
 import cv2
 import numpy as np
 import pytest
@@ -345,3 +347,47 @@ def test_feedback_steps_figure_tiles_panels_under_captions():
     assert longer.shape[0] > fig.shape[0]  # wrapped onto more lines
     with pytest.raises(ValueError, match="one caption per panel"):
         viz.feedback_steps_figure(panels, captions[:3])
+
+
+def _lab(rgb):
+    """sRGB (0-255) → CIELAB (D65), written from the standard formulas."""
+    c = np.asarray(rgb, float) / 255
+    c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    xyz = c @ m.T / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+def _deuteranopia(rgb):
+    """Viénot, Brettel & Mollon (1999) simulation of deuteranopia on sRGB 0-255 (linear-light matrix)."""
+    c = np.asarray(rgb, float) / 255
+    lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    m = np.array([[0.29275, 0.70725, 0.0], [0.29275, 0.70725, 0.0], [-0.02234, 0.02234, 1.0]])
+    out = np.clip(lin @ m.T, 0, 1)
+    return 255 * np.where(out <= 0.0031308, 12.92 * out, 1.055 * out ** (1 / 2.4) - 0.055)
+
+
+def test_palette_is_colour_blind_friendly():
+    first = viz.palette(8)
+    hues = [colorsys.rgb_to_hsv(*(first[i] / 255))[0] * 360 for i in range(2)]
+    # neither of the first two colours is a red (hue < 20° or > 340°) or a green (90°-150°)
+    assert all(not (h < 20 or h > 340 or 90 <= h <= 150) for h in hues), hues
+    for simulate in (lambda c: c, _deuteranopia):
+        lab = _lab(simulate(first))
+        d = np.linalg.norm(lab[:, None] - lab[None], axis=-1) + np.eye(8) * 1e9
+        assert d.min() > 10, f"two of the first 8 colours are {d.min():.1f} ΔE apart"
+    # none is a colour with another meaning: the background's grey, black/white (ignore), the marker, errors
+    taken = {viz.BACKGROUND_COLOR, (0, 0, 0), (255, 255, 255), viz.MARKER_COLOR, viz.ERROR_COLOR}
+    assert not taken & {tuple(int(v) for v in c) for c in viz.palette(19)}
+
+
+def test_with_colorbar_draws_the_colour_map_under_the_picture():
+    img = _image(40, 200)
+    out = viz.with_colorbar(img, 0.0, 0.25)
+    assert out.shape[1] == 200 and out.shape[0] > 40
+    np.testing.assert_array_equal(out[:40], img)
+    lut = viz.apply_colormap(np.array([0.0, 1.0]), vmin=0.0, vmax=1.0)
+    strip = out[40:].reshape(-1, 3)
+    for c in lut:  # both ends of the colour map are in the bar
+        assert (np.abs(strip.astype(int) - c).sum(axis=1) <= 6).any()

@@ -321,6 +321,12 @@ class DemoApp:
 
     def click(self, record, head, evt: gr.SelectData, from_input: bool = False):
         """A click on the input image or on a mask: reuse the session's forward pass."""
+        record = self.clicked_point(record, evt, from_input)
+        return attention_views(record, head) + (record,)
+
+    def clicked_point(self, record, evt: gr.SelectData, from_input: bool = False) -> RunRecord:
+        """The session's record with the clicked point (pixels of its image); `gr.Error` before any run, off
+        the picture or on a mask's legend."""
         if record is None:
             raise gr.Error(NO_RUN_MESSAGE, title="Nothing to inspect yet")
         if evt is None or evt.index is None or len(evt.index) < 2:
@@ -328,8 +334,7 @@ class DemoApp:
         x, y = float(evt.index[0]), float(evt.index[1])
         if not from_input and y >= record.image.shape[0]:
             raise gr.Error("That is the legend: click on the picture above it.", title="Not on the image")
-        record = self._with_point(record, x, y, from_input)
-        return attention_views(record, head) + (record,)
+        return self._with_point(record, x, y, from_input)
 
     def click_input(self, record, head, evt: gr.SelectData):
         return self.click(record, head, evt, from_input=True)
@@ -361,7 +366,7 @@ class DemoApp:
         self.release_memory()
         if names is None:
             raise gr.Error(rows[0][3], title="Weights missing")
-        grid, text = compare_view(names, rows, backbone, self.is_test_model, fsa_on)
+        grid, text = compare_view(names, rows, backbone, self.is_test_model, fsa_on, settings_list[0].feedback)
         label = next((w.proxy_label for w in plan.windows if w.proxy_label), None)
         return grid, text + (f"\n\nProxyCLIP ran with the {label} proxy." if label else "")
 

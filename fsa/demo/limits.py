@@ -92,10 +92,17 @@ TEXT_NAMES_PER_BATCH = 2
 TEXT_CACHE_MAX_NAMES = 20_000
 
 
+def class_budget(working_hw: tuple[int, int], max_classes: int) -> int:
+    """Text queries (class names and synonyms) allowed on a working image of `working_hw` (h, w): FSA_MAX_CLASSES
+    up to CLASS_BUDGET_PIXELS, proportionally fewer above."""
+    wh, ww = working_hw
+    return min(max_classes, int(max_classes * CLASS_BUDGET_PIXELS // max(1, wh * ww)))
+
+
 def class_budget_message(queries: int, working_hw: tuple[int, int], max_classes: int) -> Optional[str]:
     """Why `queries` text queries on a working image of `working_hw` exceed the budget, or None."""
     wh, ww = working_hw
-    allowed = min(max_classes, int(max_classes * CLASS_BUDGET_PIXELS // max(1, wh * ww)))
+    allowed = class_budget(working_hw, max_classes)
     if queries <= allowed:
         return None
     if allowed < 1:

@@ -3,6 +3,7 @@ and the key that says whether a later request may reuse it (`run_key`, `image_di
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -38,6 +39,36 @@ class RunRecord:
             return None if labels is None else MaskView(self.class_names, labels, self.method)
 
         return view(self.labels), view(self.fsa_labels)
+
+    def patch_size(self) -> tuple[float, float]:
+        """(height, width) of one attention patch in pixels of `image` (the first window's grid)."""
+        d = self.diagnostics
+        win, (gh, gw) = d.windows[0], d.details[0].grid
+        sy, sx = d.scale
+        return (win.y1 - win.y0) / gh / sy, (win.x1 - win.x0) / gw / sx
+
+    def patch_grid(self) -> tuple[int, int]:
+        """(rows, columns) of patches covering `image`: what the page's row and column inputs number."""
+        ph, pw = self.patch_size()
+        h, w = self.image.shape[:2]
+        return max(1, math.ceil(h / ph - 1e-6)), max(1, math.ceil(w / pw - 1e-6))
+
+    def patch_at(self, x: float, y: float) -> tuple[int, int]:
+        """(row, column) of `patch_grid` under the point (x, y) of `image`, 1-based."""
+        ph, pw = self.patch_size()
+        rows, cols = self.patch_grid()
+        return min(rows, int(y // ph) + 1), min(cols, int(x // pw) + 1)
+
+    def patch_center(self, row: int, col: int) -> tuple[float, float]:
+        """(x, y) in pixels of `image` of the centre of patch (row, col) of `patch_grid` (1-based), kept on
+        the image; ValueError naming the grid when the patch is outside it."""
+        rows, cols = self.patch_grid()
+        if not (1 <= row <= rows and 1 <= col <= cols):
+            raise ValueError(f"Patch row {row}, column {col} is outside this image's grid of {rows} rows and "
+                             f"{cols} columns (numbered from 1).")
+        ph, pw = self.patch_size()
+        h, w = self.image.shape[:2]
+        return min(w - 0.5, (col - 0.5) * pw), min(h - 0.5, (row - 0.5) * ph)
 
     def explain(self, x: float, y: float) -> "fsa.PatchExplanation":
         """Attention rows of the patch under (x, y) (pixels of `image`).

@@ -142,9 +142,11 @@ def run_summary(res, settings, proxy_label: Optional[str] = None) -> str:
     return line + "".join(f"\n\nNote: {n}" for n in notes)
 
 
-def attention_views(record, head: Optional[str]):
+def attention_views(record, head: Optional[str], common_scale: bool = False, colorbars: bool = False):
     """The clicked patch of a session's `RunRecord` → (A₀ row, A_new, A_ens, Ŝ with kept set, Π chart,
-    description, head selector update)."""
+    description, head selector update). The heatmaps have the image's size, or with `colorbars` (the page) a
+    colour bar below; with `common_scale` the three attention rows (A₀, A_new, A_ens) share one scale, so that
+    their strengths compare."""
     if record is None or record.point is None:
         raise gr.Error(NO_RUN_MESSAGE, title="Nothing to inspect yet")
     if record.diagnostics is None:
@@ -156,10 +158,18 @@ def attention_views(record, head: Optional[str]):
     if h is not None and h >= exp.num_heads:
         h = None
     image, win, patch = record.image, exp.window, exp.patch
-    original = viz.heatmap_overlay(image, win, exp.head_view(exp.attn_original, h), patch)
-    new = viz.heatmap_overlay(image, win, exp.attn_new, patch)
-    adapted = viz.heatmap_overlay(image, win, exp.head_view(exp.attn_ensemble, h), patch)
-    similarity = viz.heatmap_overlay(image, win, exp.similarity, patch, kept=exp.kept)
+    rows = [exp.head_view(exp.attn_original, h), exp.attn_new, exp.head_view(exp.attn_ensemble, h)]
+    shared = (0.0, max(float(np.max(r)) for r in rows)) if common_scale else None
+
+    def drawn(grid_map, kept=None, bounds=None):
+        lo, hi = bounds or (float(np.min(grid_map)), float(np.max(grid_map)))
+        picture = viz.heatmap_overlay(image, win, grid_map, patch, kept=kept, vmin=lo, vmax=hi)
+        if not colorbars:
+            return picture
+        return viz.with_colorbar(picture, lo, hi, font_size=max(12, round(picture.shape[1] / 40)))
+
+    original, new, adapted = (drawn(r, bounds=shared) for r in rows)
+    similarity = drawn(exp.similarity, kept=exp.kept)
     chart = viz.class_bar_chart(exp.class_names, exp.class_probs, viz.class_colors(exp.class_names),
                                 max_bars=CHART_MAX_BARS)
     best = exp.class_names[int(np.argmax(exp.class_probs))]
@@ -168,31 +178,48 @@ def attention_views(record, head: Optional[str]):
     x0, x1, y0, y1 = max(0, win.x0), min(iw, win.x1), max(0, win.y0), min(ih, win.y1)
     padded = ("; its grid also covers the zero padding past the border"
               if (x0, x1, y0, y1) != (win.x0, win.x1, win.y0, win.y1) else "")
-    text = (f"Query patch row {patch[0]}, column {patch[1]} of a {exp.grid[0]}×{exp.grid[1]} grid, in the window "
+    scale = ("A₀, A_new and A_ens share one colour scale" if common_scale
+             else "each map is scaled to its own range (its colour bar says which)")
+    row, col = record.patch_at(x, y)
+    rows, cols = record.patch_grid()
+    text = (f"Query patch at row {row}, column {col} of the image's {rows}×{cols} patch grid (numbered from 1): "
+            f"patch {patch[0] + 1}, {patch[1] + 1} of a {exp.grid[0]}×{exp.grid[1]} grid, in the window "
             f"x {x0}–{x1}, y {y0}–{y1}{padded} (point x={x:.0f}, y={y:.0f}); {head_text}; "
             f"{int(exp.kept.sum())} of {exp.kept.size} patches kept by pruning; most likely class under Π: "
-            f"**{best}**. Each map is scaled to its own range; the cyan square is the query patch.")
+            f"**{best}**. The cyan square is the query patch; {scale}.")
     choices = head_choices(exp.num_heads)
     head_update = gr.update(choices=choices, value=choices[0] if h is None else choices[h + 1])
     return original, new, adapted, similarity, chart, text, head_update
 
 
-def compare_view(names, rows, backbone: str, is_test_model: bool, fsa_on: bool) -> tuple[np.ndarray, str]:
+def compare_view(names, rows, backbone: str, is_test_model: bool, fsa_on: bool, settings=None
+                 ) -> tuple[np.ndarray, str]:
     """The compare-all grid and its notes from `(method, [baseline cell, FSA cell] or None, seconds, error)`
-    rows (`compare_cell`)."""
+    rows (`compare_cell`): baselines as columns, without / with FSA as rows, the legend on top. `settings`:
+    the FSA settings used (a `fsa.FeedbackConfig`), named in the notes."""
     colors = viz.class_colors(names)
-    cells, labels, notes = [], [], []
+    pairs, labels, notes = [], [], []
     for method, pair, seconds, error in rows:
         if error is not None:
             notes.append(f"{METHOD_LABELS[method]} skipped: {error}")
             continue
-        labels.append(f"{METHOD_LABELS[method]}  ({seconds:.2f} s)")
-        cells.append(pair)
-    grid = viz.compare_grid(cells, labels, ["baseline", "baseline + FSA"], cell_width=COMPARE_CELL_WIDTH,
-                            footer=viz.legend(names, colors, width=2 * COMPARE_CELL_WIDTH + 3 * 4))
-    text = f"{len(cells)} baselines on {backbone}" + (" (random test weights)" if is_test_model else "")
+        labels.append(METHOD_LABELS[method])
+        pairs.append(pair)
+    timings = ", ".join(f"{METHOD_LABELS[m]} {s:.1f} s" for m, pair, s, e in rows if e is None)
+    width = len(pairs) * COMPARE_CELL_WIDTH + (len(pairs) + 1) * 4
+    grid = viz.compare_grid([[p[0] for p in pairs], [p[1] for p in pairs]], ["without FSA (baseline)",
+                            "with FSA (baseline + FSA)"], labels, cell_width=COMPARE_CELL_WIDTH,
+                            header=viz.legend(names, colors, width=width, font_size=22))
+    text = f"{len(pairs)} baselines on {backbone}" + (" (random test weights)" if is_test_model else "")
+    if settings is not None:
+        parts = [f"λ = {settings.lam:g}", f"p = {settings.p:g}"] + [
+            f"{name} {'on' if on else 'off'}" for name, on in (("isolation", settings.isolation),
+                                                               ("pruning", settings.pruning),
+                                                               ("ensemble", settings.ensemble))]
+        text += f"; FSA settings: {', '.join(parts)}; each baseline with its own window and logit-scale defaults"
     if not fsa_on:
-        text += "; the FSA switch is off, but this view always shows both columns"
+        text += "; the FSA switch is off, but this view always shows both rows"
+    text += f". Seconds per baseline: {timings}."
     return grid, text + "".join(f"\n\n{n}" for n in notes)
 
 
@@ -244,3 +271,111 @@ def feedback_steps_view(record, iteration, head):
     text = header + "\n\n" + "\n".join(lines)
     choices = pass_choices(count)
     return list(zip(panels, lines)), text, gr.update(choices=choices, value=choices[t - 1])
+
+
+# --------------------------------------------------------------------------- accessible companions
+#: text colours of the HTML legends, on their white background: 16:1 and 7:1 (WCAG AA asks ≥ 4.5:1)
+LEGEND_TEXT = "#1f1f1f"
+LEGEND_ABSENT_TEXT = "#595959"
+LEGEND_BACKGROUND = "#ffffff"
+#: classes named in a mask's alt text at most (the largest ones)
+ALT_TEXT_CLASSES = 3
+
+
+def _hex(color) -> str:
+    return "#" + "".join(f"{int(c):02x}" for c in color[:3])
+
+
+def _escape(text: str) -> str:
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def class_shares(labels: np.ndarray, n: int) -> np.ndarray:
+    """(n,) fraction of the pixels of `labels` given to each class."""
+    counts = np.bincount(np.asarray(labels).reshape(-1).astype(np.int64), minlength=n)[:n]
+    return counts / max(1, int(counts.sum()))
+
+
+def mask_alt_text(title: str, class_names, labels: Optional[np.ndarray]) -> str:
+    """Alt text of a mask picture: the method and its largest classes with their share of the image."""
+    if labels is None:
+        return f"{title}: no mask."
+    shares = class_shares(labels, len(class_names))
+    order = [int(i) for i in np.argsort(-shares, kind="stable") if shares[i] > 0][:ALT_TEXT_CLASSES]
+    parts = ", ".join(f"{class_names[i]} {100 * shares[i]:.0f}%" for i in order)
+    return f"{title} segmentation mask over the image; largest classes: {parts}."
+
+
+def html_legend(title: str, class_names, colors, labels: Optional[np.ndarray], note: str = "") -> str:
+    """An HTML legend of a mask: one colour swatch, name and share of the image per class, in the vocabulary's
+    order; classes absent from the mask are marked "absent" in a grey that still has ≥ 4.5:1 contrast. `note`
+    (e.g. why the mask is empty) replaces the items when given."""
+    head = f'<div class="fsa-legend" role="group" aria-label="{_escape(title)} legend" ' \
+           f'style="background:{LEGEND_BACKGROUND};color:{LEGEND_TEXT}">'
+    if note or labels is None:
+        return head + f'<p class="fsa-legend-note">{_escape(note or "No mask yet.")}</p></div>'
+    shares = class_shares(labels, len(class_names))
+    items = []
+    for i, name in enumerate(class_names):
+        present = shares[i] > 0
+        style = "" if present else f' style="color:{LEGEND_ABSENT_TEXT}"'
+        share = f" {100 * shares[i]:.0f}%" if present else " (absent)"
+        items.append(f'<li{style}><span class="fsa-swatch" style="background:{_hex(colors[i])}" '
+                     f'aria-hidden="true"></span>{_escape(name)}<span class="fsa-share">{share}</span></li>')
+    return head + f'<ul>{"".join(items)}</ul></div>'
+
+
+FSA_OFF_NOTE = ("FSA is off, so there is no “Baseline + FSA” mask: tick “FSA (feedback self-adaptive "
+                "attention)” and press Segment.")
+
+
+def mask_companions(record) -> tuple[dict, dict, str, str]:
+    """Of a session's pass: (baseline mask update, FSA mask update) with their alt texts, and the two HTML
+    legends. The FSA legend says why it is empty when FSA was off."""
+    label = METHOD_LABELS.get(record.method, record.method)
+    colors = viz.class_colors(record.class_names)
+    names = record.class_names
+    base_alt = mask_alt_text(f"Baseline ({label})", names, record.labels)
+    fsa_title = f"Baseline + FSA ({label} + FSA)"
+    if record.fsa_labels is None:
+        fsa_alt, fsa_legend = f"{fsa_title}: empty, FSA is off.", html_legend(fsa_title, names, colors, None,
+                                                                             FSA_OFF_NOTE)
+    else:
+        fsa_alt = mask_alt_text(fsa_title, names, record.fsa_labels)
+        fsa_legend = html_legend(fsa_title, names, colors, record.fsa_labels)
+    return (gr.update(alt_text=base_alt), gr.update(alt_text=fsa_alt),
+            html_legend(f"Baseline ({label})", names, colors, record.labels), fsa_legend)
+
+
+def budget_line(allowed: int, queries: Optional[int], working_hw: Optional[tuple[int, int]]) -> str:
+    """The class budget under the vocabulary: "up to N names for this image", and whether the vocabulary fits."""
+    if working_hw is None:
+        text = (f"Up to {allowed} names (classes and synonyms) for a photo at the default size; larger images take "
+                f"fewer.")
+    else:
+        text = (f"Up to **{allowed} names** (classes and synonyms) for this image "
+                f"(worked on at {working_hw[1]}×{working_hw[0]} pixels).")
+    if queries is not None:
+        if queries > allowed:
+            text += (f" ⚠️ The vocabulary has **{queries}**: remove {queries - allowed} or lower the short side "
+                     f"(Advanced settings).")
+        else:
+            text += f" The vocabulary has {queries}."
+    return text
+
+
+def failure_summary(title: str, message: str, record) -> str:
+    """The summary after a refused or failed run: why, and what the panels still show."""
+    kept = ("The masks below are still those of the last run that worked; they stay clickable."
+            if record is not None else "Nothing has been segmented yet.")
+    return f"⚠️ **{title}.** {message}\n\n{kept}"
+
+
+def point_marker(record) -> str:
+    """Where the clicked point is, for the page's markers: "x y aspect" as fractions of the picture (x, y)
+    and its height / width, or "" when no point is chosen."""
+    if record is None or record.point is None:
+        return ""
+    h, w = record.image.shape[:2]
+    x, y = record.point
+    return f"{x / w:.5f} {y / h:.5f} {h / w:.5f}"
