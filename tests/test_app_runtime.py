@@ -176,19 +176,20 @@ def test_limits_from_the_environment():
 
 # --------------------------------------------------------------------------- compare all
 def test_compare_all_holds_one_methods_results_at_a_time(app, files, monkeypatch):
+    """The app draws each outcome's cells and drops it before the next one comes."""
     segmenter = app.segmenter()
-    real = segmenter.compare
+    real = segmenter.iter_compare_methods
     earlier: list[weakref.ref] = []
 
     def tracking(*args, **kwargs):
-        gc.collect()
-        alive = [ref for ref in earlier if ref() is not None]
-        assert not alive, f"{len(alive)} results of earlier baselines are still in memory"
-        out = real(*args, **kwargs)
-        earlier.extend(weakref.ref(r) for r in (out, out.baseline, out.fsa))
-        return out
+        for outcome in real(*args, **kwargs):
+            gc.collect()
+            alive = [ref for ref in earlier if ref() is not None]
+            assert not alive, f"{len(alive)} results of earlier baselines are still in memory"
+            earlier.extend(weakref.ref(r) for r in (outcome.result, outcome.result.baseline, outcome.result.fsa))
+            yield outcome
 
-    monkeypatch.setattr(segmenter, "compare", tracking)
+    monkeypatch.setattr(segmenter, "iter_compare_methods", tracking)
     grid, text = app.compare_all(files["photo"], "cup, table", None, True, True, True, True, 3.0, 0.45, 64, 0.0,
                                  progress=None)
     assert len(earlier) == 3 * len(METHODS)
@@ -197,19 +198,21 @@ def test_compare_all_holds_one_methods_results_at_a_time(app, files, monkeypatch
 
 
 def test_compare_all_cells_equal_the_masks_of_each_method(app, files):
-    """The cells drawn during the loop are the panels of each method's pass, resized as compare_grid does."""
+    """The cells drawn from the shared-trunk pass are, in the settings' order, the panels of each method run
+    alone, resized as compare_grid does."""
     rgb = read_bounded(files["photo"], 64).rgb
-    settings = app.settings("naclip", True, True, True, True, 3.0, 0.45, 64, None, None, None, 0.0,
-                            keep_diagnostics=False)
-    names, rows = app._infer_cells_impl(None, rgb, "cup, table", [settings])
-    (method, cells, seconds, error), = rows
-    assert method == "naclip" and error is None and seconds > 0
-    out = app.segmenter().compare(rgb, "cup, table", settings)
+    settings_list = [app.settings(m, True, True, True, True, 3.0, 0.45, 64, None, None, None, 0.0,
+                                  keep_diagnostics=False) for m in METHODS]
+    names, rows = app._infer_cells_impl(None, rgb, "cup, table", settings_list)
+    assert [row[0] for row in rows] == list(METHODS)
     colors = viz.class_colors(names)
-    for cell, result in zip(cells, (out.baseline, out.fsa)):
-        panel = viz.segmentation_panel(rgb, result.labels, names, colors=colors)  # 96×64
-        expected = cv2.resize(panel, (256, round(64 * 256 / 96)), interpolation=cv2.INTER_LINEAR)
-        np.testing.assert_array_equal(cell, expected)
+    for settings, (method, cells, seconds, error) in zip(settings_list, rows):
+        assert error is None and seconds > 0
+        out = app.segmenter().compare(rgb, "cup, table", settings)
+        for cell, result in zip(cells, (out.baseline, out.fsa)):
+            panel = viz.segmentation_panel(rgb, result.labels, names, colors=colors)  # 96×64
+            expected = cv2.resize(panel, (256, round(64 * 256 / 96)), interpolation=cv2.INTER_LINEAR)
+            np.testing.assert_array_equal(cell, expected, err_msg=method)
 
 
 # --------------------------------------------------------------------------- the page's wiring

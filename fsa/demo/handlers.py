@@ -16,7 +16,7 @@ import gradio as gr
 import fsa
 from .. import visualize as viz
 from ..config import (
-    BACKBONES, METHOD_DEFAULTS, METHOD_LABELS, METHODS, PROXIES, PROXY_LABELS, TINY_TEST, default_lambda,
+    BACKBONES, METHOD_DEFAULTS, METHODS, PROXIES, PROXY_LABELS, TINY_TEST, default_lambda,
 )
 from ..planning import clip_geometry, plan_request
 from ..proxies import resolve_proxy_name
@@ -170,29 +170,29 @@ class DemoApp:
 
     def _infer_cells_impl(self, backbone: Optional[str], image, vocabulary, settings_list, progress=None,
                           proxy=None):
-        """Every settings' pass drawn into its two compare-grid cells as soon as it exists, then dropped,
-        so that one pair of results is alive at a time.
+        """Every settings' pass drawn into its two compare-grid cells as soon as it exists, then dropped.
+        The methods that see the same windows share the vision trunk (`Segmenter.iter_compare_methods`:
+        each result equal, bit for bit, to that method run alone).
 
-        → (class names or None, [(method, [baseline cell, FSA cell] or None, seconds, error or None)])
+        → (class names or None, [(method, [baseline cell, FSA cell] or None, seconds, error or None)] in the
+        order of `settings_list`)
         """
         segmenter = self.segmenter(backbone, proxy)
-        watch = ClientWatch()
-        names, colors, rows = None, None, []
-        for i, settings in enumerate(settings_list):
-            report = progress_callback(progress, i / len(settings_list), 1.0 / len(settings_list), watch)
-            report(0.0, f"{METHOD_LABELS[settings.method]} ({i + 1} of {len(settings_list)})")
-            try:
-                out = segmenter.compare(image, vocabulary, settings, progress=report)
-            except fsa.WeightsUnavailableError as exc:  # e.g. ProxyCLIP without DINO weights
-                rows.append((settings.method, None, 0.0, str(exc)))
+        report = progress_callback(progress, 0.0, 1.0, ClientWatch())
+        names, colors, rows = None, None, {}
+        for outcome in segmenter.iter_compare_methods(image, vocabulary, settings_list, progress=report):
+            method = outcome.settings.method
+            if outcome.error is not None:  # e.g. ProxyCLIP without its proxy's weights: the others go on
+                rows[outcome.index] = (method, None, 0.0, str(outcome.error))
                 continue
+            out = outcome.result
             if names is None:
                 names = tuple(out.fsa.class_names)
                 colors = viz.class_colors(names)
             cells = [compare_cell(result, colors) for result in (out.baseline, out.fsa)]
-            rows.append((settings.method, cells, out.baseline.timings.get("total", 0.0), None))
-            del out
-        return names, rows
+            rows[outcome.index] = (method, cells, out.baseline.timings.get("total", 0.0), None)
+            del out, outcome
+        return names, [rows[i] for i in sorted(rows)]
 
     # -- budgets and forward passes -----------------------------------------------------------
     @staticmethod
