@@ -5,7 +5,7 @@ starts the same page): `fsa/demo/page.py` has the layout and `main`, `fsa/demo/h
 
 Environment: FSA_MODEL (backbone, default ViT-B-16; `tiny-test` = random weights for tests),
 GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (or PORT), and the `RuntimeLimits` variables FSA_CONCURRENCY,
-FSA_SESSION_TTL, FSA_MAX_PIXELS, FSA_MAX_CLASSES, FSA_TEMP_TTL (see the README's settings table).
+FSA_SESSION_TTL, FSA_MAX_PIXELS, FSA_MAX_CLASSES, FSA_TEMP_TTL (see docs/deployment.md).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Last-block attention of each baseline (method.md §2, §4): pure tensor functions.
+"""Last-block attention of each baseline (docs/method.md §2, §4): pure tensor functions.
 
 The attention is kept as a matrix `A₀` (or None for MaskCLIP's identity) together with the values
 it mixes, so that FSA can reuse it (`A₀ v`, `A₀ (A_new v)`) without ever forming products of

@@ -1,6 +1,6 @@
 """Typed settings shared by every layer of the package.
 
-Nothing here computes; the values are the defaults of method.md (§1-§4).
+Nothing here computes; the values are the defaults of docs/method.md (§1-§4).
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ SCALE_MAX = 1000.0
 #: not flatten ordinary ones (published value 1e-10).
 EPS_MIN, EPS_MAX = 1.1754944e-38, 1e-3
 #: Short side in pixels: at least one patch of the largest patch size (16); at most the long-side
-#: cap of method.md §1 (2048), beyond which the resize is capped anyway.
+#: cap of docs/method.md §1 (2048), beyond which the resize is capped anyway.
 SHORT_SIDE_MIN, SHORT_SIDE_MAX = 16, 2048
 #: A window crop smaller than one patch (16 px) has no patch grid.
 CROP_MIN = 16
@@ -72,7 +72,7 @@ PAD_TO_PATCH = "patch"
 
 @dataclass(frozen=True)
 class MethodDefaults:
-    """Per-method inference defaults (method.md §1) and the published code's window rules.
+    """Per-method inference defaults (docs/method.md §1) and the published code's window rules.
 
     ``pad_to``: how a sliding window whose side is not a multiple of it is padded (centred, zeros in
     CLIP-normalised space, the logits cropped back): ``PAD_TO_PATCH`` (ClearCLIP's code, which also
@@ -116,7 +116,7 @@ SIMILARITIES: tuple[str, ...] = ("kl", "sym_kl", "js")
 
 @dataclass(frozen=True)
 class FeedbackConfig:
-    """FSA settings (method.md §3). Each component is a switch."""
+    """FSA settings (docs/method.md §3). Each component is a switch."""
 
     lam: float = 3.0  #: λ of the scaling step ℓ = Ŝ·exp(λŜ)
     p: float = 0.45  #: top-p of the confidence-based pruning
@@ -171,7 +171,7 @@ class FeedbackConfig:
 
 
 def default_lambda(backbone: str, proxy: Optional[str] = None) -> float:
-    """λ the paper uses for a backbone (method.md §3 step 5; FSA's hyper_param.txt).
+    """λ the paper uses for a backbone (docs/method.md §3 step 5; FSA's hyper_param.txt).
 
     proxy: ProxyCLIP's proxy model (leave None for the other methods): 4.5 with an MAE proxy (or its
     tiny-test stand-in) for every backbone; otherwise 2.3 for ViT-H/14 and 3.0 for the others.
@@ -183,7 +183,7 @@ def default_lambda(backbone: str, proxy: Optional[str] = None) -> float:
 
 @dataclass(frozen=True)
 class GClipConfig:
-    """GCLIP switches (method.md §4, a reconstruction). Blocks are 1-based; None = scaled from 12."""
+    """GCLIP switches (docs/method.md §4, a reconstruction). Blocks are 1-based; None = scaled from 12."""
 
     channel_suppression: bool = True
     attention_fusion: bool = True
@@ -231,7 +231,7 @@ def _check_blocks(blocks: tuple[int, ...], depth: int, what: str, *, allow_last:
 
 @dataclass(frozen=True)
 class MethodOptions:
-    """Method parameters beyond the attention rule itself (method.md §2, §4)."""
+    """Method parameters beyond the attention rule itself (docs/method.md §2, §4)."""
 
     naclip_sigma: float = 5.0  #: σ of NACLIP's Gaussian, in patches
     proxy_beta: float = 1.2  #: β of ProxyCLIP's S' = γ(Ŝ − β·mean Ŝ)

@@ -1,4 +1,4 @@
-"""What a user sees for a query patch (method.md §5), without rerunning the network.
+"""What a user sees for a query patch (docs/method.md §5), without rerunning the network.
 
 Per window only grid-level data are kept: the last block's q, k (or the proxy features), the
 fused maps, the uniform-attention cosines (U), and per feedback pass Π, the cosines it came from
@@ -38,7 +38,7 @@ class BlockExplanation:
 class IterationExplanation:
     """The feedback of one pass t (1-based) for the query patch, on the attention grid (gh, gw).
 
-    In the order of method.md §3: Z_i and U_i (per query, K = synonyms counted separately), Π_i,
+    In the order of docs/method.md §3: Z_i and U_i (per query, K = synonyms counted separately), Π_i,
     Ŝ[i], the kept set, A_new[i], and per adapted block A_ens[i].
     """
 

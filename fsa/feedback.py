@@ -1,4 +1,4 @@
-"""FSA: feedback self-adaptive attention (method.md §3), as pure tensor functions.
+"""FSA: feedback self-adaptive attention (docs/method.md §3), as pure tensor functions.
 
 Everything here is O(N²) memory for N patches: the KL is one matrix product (the symmetric KL
 too; Jensen–Shannon is summed over chunks of classes, N×N each), one N×N attention is shared by

@@ -1,4 +1,4 @@
-"""Input images: any PIL image / numpy array / file path -> (H, W, 3) uint8 RGB; sizes (method.md §1).
+"""Input images: any PIL image / numpy array / file path -> (H, W, 3) uint8 RGB; sizes (docs/method.md §1).
 
 Conversion rules (documented, predictable):
 - uint8 as is; uint16 (and PIL's 16/32-bit integer modes) over the full 16-bit range:

@@ -261,7 +261,7 @@ def _patch_size(model: nn.Module) -> int:
 
 @dataclass(frozen=True)
 class Decision:
-    """How mean cosines become labels (method.md §1 "Decision"; the published postprocessing)."""
+    """How mean cosines become labels (docs/method.md §1 "Decision"; the published postprocessing)."""
 
     vocabulary: Vocabulary
     logit_scale: float

@@ -1,4 +1,4 @@
-"""Patch logits of a baseline, with or without FSA: the vision tower end to end (method.md §2-§4).
+"""Patch logits of a baseline, with or without FSA: the vision tower end to end (docs/method.md §2-§4).
 
 Beyond the paper's single pass into the last block, `FeedbackConfig` opens three questions the
 paper leaves open, each a switch whose default is the paper:

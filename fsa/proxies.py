@@ -1,4 +1,4 @@
-"""Proxy vision models for ProxyCLIP (method.md §2): dense patch features of a frozen ViT.
+"""Proxy vision models for ProxyCLIP (docs/method.md §2): dense patch features of a frozen ViT.
 
 The four proxies of the published FSA code (``FSA_Proxy_segmentor.py``, ``vfm_model``): ``dino-b8``
 (DINO ViT-B/8, the ProxyCLIP default), ``dinov2-b14-reg``, ``mae-b16`` and ``sam-b16``, from the HF

@@ -44,7 +44,7 @@ class SegmentationResult:
     diagnostics: Optional[DiagnosticsStore] = field(default=None, repr=False)
 
     def explain(self, x: float, y: float) -> PatchExplanation:
-        """Attention rows of the patch under (x, y), in pixels of `image` (method.md §5)."""
+        """Attention rows of the patch under (x, y), in pixels of `image` (docs/method.md §5)."""
         if self.diagnostics is None:
             raise ValueError("no diagnostics in this result: run with FSA on and keep_diagnostics=True")
         h, w = self.labels.shape

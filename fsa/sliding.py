@@ -1,4 +1,4 @@
-"""Sliding-window inference geometry and accumulation (method.md §1 "Sliding window")."""
+"""Sliding-window inference geometry and accumulation (docs/method.md §1 "Sliding window")."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""Text features of query names: 80 OpenAI ImageNet templates, averaged (method.md §1)."""
+"""Text features of query names: 80 OpenAI ImageNet templates, averaged (docs/method.md §1)."""
 from __future__ import annotations
 
 import threading

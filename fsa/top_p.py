@@ -1,4 +1,4 @@
-"""Top-p pruning of FSA's similarity rows (method.md §3 step 4), exact without a full sort.
+"""Top-p pruning of FSA's similarity rows (docs/method.md §3 step 4), exact without a full sort.
 
 The rule: sort each row of Ŝ descending (stable: ties in column order), w = softmax(sorted), keep
 the entries while cumsum(w) ≤ p, the first always. `prune_top_p_sorted` is that rule as written

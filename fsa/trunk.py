@@ -1,7 +1,7 @@
 """Blocks 1..L-1 of the vision tower ("the trunk"), run once for every method that shares them.
 
 Every baseline runs the trunk unchanged but GCLIP, which replaces a c_proj row in blocks 8..11 and
-keeps the attention maps of its fusion blocks (method.md §4). Several methods on the same pixels
+keeps the attention maps of its fusion blocks (docs/method.md §4). Several methods on the same pixels
 therefore share the embedding and every block before the first one where their weights differ
 (all of it for vanilla, MaskCLIP, SCLIP, ClearCLIP, NACLIP and ProxyCLIP; blocks 1..7 with GCLIP).
 `run_trunks` runs each block once per distinct set of weights, in the same calls as a method run

@@ -1,4 +1,4 @@
-"""The CLIP vision tower, taken apart so the last block can be swapped (method.md §1, §2).
+"""The CLIP vision tower, taken apart so the last block can be swapped (docs/method.md §1, §2).
 
 Blocks 1..L-1 run as open_clip defines them; the last block is split into its parts
 (`block_qkv`, `finish_last_block`) so that the attention in between can be any matrix, and

@@ -623,7 +623,7 @@ def feedback_step_panels(
     query_colors: Optional[np.ndarray] = None,
     colors: Optional[np.ndarray] = None,
 ) -> list[np.ndarray]:
-    """The `FEEDBACK_STEPS` pictures of one feedback pass for a query patch (method.md §3), in order:
+    """The `FEEDBACK_STEPS` pictures of one feedback pass for a query patch (docs/method.md §3), in order:
 
     1. `logit_bar_chart` of Z_i ``(K,)``; 2. of U_i ``(K,)``, or with isolation off
     (``isolation_logits`` None) a `text_panel` saying so; 3. `class_bar_chart` of Π_i ``(C,)``;

@@ -1,4 +1,4 @@
-"""Vocabulary syntax (method.md §1, our rule): ``person; man; woman, dog, sky``.
+"""Vocabulary syntax (docs/method.md §1, our rule): ``person; man; woman, dog, sky``.
 
 Classes are separated by commas or new lines, synonyms of one class by ``;``. Every synonym is a
 separate text query; a class's probability is the maximum over its synonyms.

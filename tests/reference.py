@@ -31,7 +31,7 @@ from reference_ops import (DT, bicubic_resize_scale, bilinear_resize_size, l2_no
 
 BASELINE_METHODS = ("vanilla", "maskclip", "sclip", "clearclip", "naclip", "proxyclip", "gclip")
 
-#: method -> (residual, ffn) of the last block (method.md §2 table)
+#: method -> (residual, ffn) of the last block (docs/method.md §2 table)
 LAST_BLOCK_RULE = {
     "vanilla": (True, True),
     "maskclip": (True, True),
@@ -45,7 +45,7 @@ LAST_BLOCK_RULE = {
 
 @dataclass
 class RefFeedback:
-    """FSA settings (method.md §3), our own copy so the reference does not import `fsa`."""
+    """FSA settings (docs/method.md §3), our own copy so the reference does not import `fsa`."""
 
     lam: float = 3.0
     p: float = 0.45
@@ -94,7 +94,7 @@ def feedback_from(cfg) -> Optional[RefFeedback]:
 def interpolated_pos_embed(visual, gh: int, gw: int) -> torch.Tensor:
     """(1 + gh*gw, D): CLS part unchanged, patch part bicubic with
     scale_factor = ((gh + 0.1) / g0, (gw + 0.1) / g0), no sqrt(N). On the pre-training grid
-    itself the embedding is used as is (method.md: "for a grid gh x gw other than g0 x g0")."""
+    itself the embedding is used as is (docs/method.md: "for a grid gh x gw other than g0 x g0")."""
     pe = visual.positional_embedding.detach().to(DT)
     D = pe.shape[1]
     g0h, g0w = visual.grid_size
@@ -170,7 +170,7 @@ def head_features(visual, O: torch.Tensor) -> torch.Tensor:
 
 def suppressed_c_proj(weight: torch.Tensor) -> torch.Tensor:
     """Copy of mlp.c_proj.weight (D_out x D_hidden) whose largest-L2-norm row is rescaled to the
-    mean L2 norm of the other rows (method.md §4)."""
+    mean L2 norm of the other rows (docs/method.md §4)."""
     w = weight.detach().to(DT).clone()
     norms = torch.sqrt((w * w).sum(dim=1))
     i = int(torch.argmax(norms))
@@ -196,7 +196,7 @@ def run_last_block(block, x_res: Optional[torch.Tensor], attns: list, vs: list, 
 
 
 # ----------------------------------------------------------------------------------------------
-# FSA pieces (method.md §3), naive forms
+# FSA pieces (docs/method.md §3), naive forms
 # ----------------------------------------------------------------------------------------------
 
 def kl_tensor(pi: torch.Tensor, eps: float) -> torch.Tensor:
@@ -327,7 +327,7 @@ class LastBlock:
 
 def baseline_a0(method: str, qs: list, ks: list, grid: tuple, opts: RefOptions, proxy_one=None, fused_maps=(),
                 misreadings=frozenset()) -> list:
-    """The baseline's last-block attention A0 per head (method.md §2 table) of one image from the
+    """The baseline's last-block attention A0 per head (docs/method.md §2 table) of one image from the
     last block's q, k per head (L x d each); ProxyCLIP's (M x M over the proxy grid) from proxy_one
     (C, I, J); GCLIP fuses `fused_maps` (its blocks' head-averaged attention) when there are any."""
     gh, gw = grid
@@ -471,7 +471,7 @@ def reference_patch_logits(model, pixels: torch.Tensor, text_features: torch.Ten
     `options`: RefOptions (GCLIP blocks explicit or None = default_gclip_blocks(depth)).
     With return_details, also a list (per image) of dicts of intermediates (those of the last pass,
     and "passes": every pass's).
-    `_misreadings` is for test_golden only: deliberately wrong readings of method.md, to show that
+    `_misreadings` is for test_golden only: deliberately wrong readings of docs/method.md, to show that
     the golden file tells them apart ("sclip_mean", "maskclip_no_residual_ffn",
     "proxy_mean_offdiag", "uniform_over_clip_grid", "proxy_v_nearest").
     """

@@ -84,3 +84,15 @@ def test_nothing_points_outside_the_repository():
         text = path.read_text(encoding="utf-8", errors="replace")
         hits += [f"{path.relative_to(REPO)}: {p}" for p in patterns if p in text]
     assert not hits, hits
+
+
+def test_method_citations_name_the_file_in_the_repository():
+    """A bare `method.md` would name a file the repository does not have: the code cites docs/method.md."""
+    bare = []
+    for path in sorted(REPO.rglob("*.py")):
+        if ".venv" in path.parts or "venv" in path.parts:
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if re.search(r"(?<!docs/)\bmethod\.md", line) and path.name != "test_docs.py":
+                bare.append(f"{path.relative_to(REPO)}:{number}")
+    assert not bare, f"cite docs/method.md, not a bare method.md: {bare}"

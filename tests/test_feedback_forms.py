@@ -1,4 +1,4 @@
-"""The efficient FSA building blocks of `fsa.feedback` vs their naive forms (method.md §3).
+"""The efficient FSA building blocks of `fsa.feedback` vs their naive forms (docs/method.md §3).
 
 - output_similarity vs the materialised N x N x K KL tensor (and its properties: Ŝ_ii = 1,
   Ŝ in (0, 1], bounded by ε when probabilities are exactly 0, not symmetric);
@@ -75,7 +75,7 @@ def test_output_similarity_properties():
 
 
 def test_output_similarity_eps_changes_result():
-    """ε is not a cosmetic guard: it changes Ŝ measurably for confident Π (method.md §3.3)."""
+    """ε is not a cosmetic guard: it changes Ŝ measurably for confident Π (docs/method.md §3.3)."""
     pi = _pi(1, 30, 7, 40.0, seed=5)
     a, b = fb.output_similarity(pi, 1e-10), fb.output_similarity(pi, 1e-30)
     assert max_abs(a, b) > 1e-3

@@ -1,9 +1,9 @@
 """Agreement with the published code (tests/data/published_tiny.npz), float64.
 
 - `fsa.patch_logits` equals every golden output within 1e-9 (max abs);
-- the naive reference (tests/reference.py, written from method.md) equals them too, which
+- the naive reference (tests/reference.py, written from docs/method.md) equals them too, which
   validates our reading of the spec;
-- the golden file really discriminates the details we rely on: plausible misreadings of method.md
+- the golden file really discriminates the details we rely on: plausible misreadings of docs/method.md
   (positional embedding resized by size instead of scale_factor, top-p keeping the first entry that
   crosses p, dropping ε) move the outputs by far more than the tolerance.
 """
@@ -78,7 +78,7 @@ def test_fsa_matches_golden(golden, golden_model, key):
 
 
 # ---------------------------------------------------------------------------------------------
-# the golden file is sensitive to the details method.md insists on
+# the golden file is sensitive to the details docs/method.md insists on
 # ---------------------------------------------------------------------------------------------
 
 def _pe_by_size(visual, gh, gw):

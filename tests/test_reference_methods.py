@@ -282,7 +282,7 @@ def test_feedback_none_is_baseline_bit_for_bit(golden_model, ref_inputs, method)
             c = fsa.patch_logits(golden_model, inp.pixels, inp.text, method, feedback=None, proxy_features=proxy,
                                  options=fsa.MethodOptions())
         assert torch.equal(a, b) and torch.equal(a, c)
-        # and it is the baseline of method.md §2 (the reference), not some FSA variant
+        # and it is the baseline of docs/method.md §2 (the reference), not some FSA variant
         assert max_abs(a, run_ref(golden_model, inp, method)) <= TOL
 
 

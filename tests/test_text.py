@@ -40,7 +40,7 @@ def test_templates_are_openais_80():
 
 
 def _independent(clip, name: str) -> torch.Tensor:
-    """method.md §1 for one name, straight from open_clip's template lambdas."""
+    """docs/method.md §1 for one name, straight from open_clip's template lambdas."""
     with torch.no_grad():
         per_prompt = clip.model.encode_text(clip.tokenizer([t(name) for t in OPENAI_IMAGENET_TEMPLATES]))
     return F.normalize(F.normalize(per_prompt, dim=-1).mean(0), dim=-1)
