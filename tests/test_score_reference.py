@@ -22,11 +22,17 @@ def test_a_reference_of_the_users_image_size_is_reduced_by_nearest_neighbour():
     reference = np.arange(2 * H * 2 * W).reshape(2 * H, 2 * W) % 3
     small, note = reference_at_size(reference, (H, W), source_size=(2 * W, 2 * H))
     assert small.dtype == np.int64 and np.array_equal(small, reference[::2, ::2])  # every other pixel
-    assert note.startswith(f"Note: the image was segmented at {W}×{H} pixels") and f"{2 * W}×{2 * H}" in note
-    # the segmented size, another size, or no source size: left as it is, without a note
-    for ref, source in ((reference[:H, :W], (2 * W, 2 * H)), (reference[:H + 1], (2 * W, 2 * H)), (reference, None)):
-        same, note = reference_at_size(ref, (H, W), source)
-        assert same is ref and note == ""
+    assert note.startswith(f"The reference was given at the uploaded size, {2 * W}×{2 * H} pixels")  # says which
+    assert f"segmented at {W}×{H}" in note and "nearest-neighbour" in note
+    # the segmented size: used as it is, and the note says so
+    same, note = reference_at_size(reference[:H, :W], (H, W), (2 * W, 2 * H))
+    assert np.shares_memory(same, reference) and note == f"The reference was used at the segmented size, {W}×{H} pixels."
+    # another size is refused naming both sizes the user may give
+    with pytest.raises(ValueError, match=f"{W}×{H}.*{2 * W}×{2 * H}"):
+        reference_at_size(reference[:H + 1], (H, W), (2 * W, 2 * H))
+    # no source size: left as it is (score_against judges it), without a note
+    same, note = reference_at_size(reference, (H, W), None)
+    assert same is reference and note == ""
 
 
 def test_score_reference_reads_resizes_and_scores(tmp_path):
