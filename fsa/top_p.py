@@ -6,7 +6,7 @@ the entries while cumsum(w) ≤ p, the first always. `prune_top_p_sorted` is tha
 the same mask on every entry without sorting the rows:
 
 1. w = softmax(row) from the same kernel as the reference, so every entry has the same exp(s − max).
-2. Bins: a strided sample of the row (64 entries, sorted) estimates where the kept mass ends and
+2. Bins: a sample of the row (64 entries spread over it, sorted) estimates where the kept mass ends and
    sets a band around it, cut into N/16 bins (64..1024); the entries above and below the band fall
    into two end bins. An entry's bin never decreases as its value falls (rounding is monotone), so
    every entry of a bin comes before every entry of a later bin in the sorted order. The band only
@@ -129,17 +129,26 @@ def _keep_block(rows: Tensor, p: float, p_th: float, kappa: float, out: Tensor) 
         if bad.numel():
             out[bad] = prune_top_p_sorted(rows[bad], p)
         return
-    step = max(1, rows.shape[1] // SAMPLE)
-    values, order = rows[:, ::step].sort(dim=-1, descending=True)  # a strided sample of each row
+    columns = _sample_columns(rows.shape[1], rows.device)
+    values, order = rows[:, columns].sort(dim=-1, descending=True)  # a sample of each row
     repeats = (values[:, 1:] == values[:, :-1]).sum(dim=1)
     if float((repeats >= values.shape[1] // 4).float().mean()) > TIED_SHARE:
         out.copy_(prune_top_p_sorted(rows, p))  # rows made of runs of ties: sorting them beats the bins
         return
     w = rows.softmax(dim=-1)
-    top, bottom = _sample_band(values, w[:, ::step].gather(1, order), p)
+    top, bottom = _sample_band(values, w[:, columns].gather(1, order), p)
     failed = _bin_keep(rows, w, top, bottom, p_th, kappa, out)
     if failed.numel():
         out[failed] = prune_top_p_sorted(rows[failed], p)
+
+
+def _sample_columns(n: int, device) -> Tensor:
+    """SAMPLE columns spread over the row by a golden-ratio stride (k·P mod n, P coprime with n): a plain
+    stride of n / SAMPLE can fall on one column of the patch grid (64 on a 64×64 grid) and see a biased sample."""
+    stride = int(n * 0.6180339887) | 1
+    while math.gcd(stride, n) != 1:
+        stride += 2
+    return (torch.arange(min(SAMPLE, n), device=device) * stride) % n
 
 
 def _sample_band(values: Tensor, weights: Tensor, p: float) -> tuple[Tensor, Tensor]:
