@@ -26,6 +26,7 @@ from .bench_timing import (
     _fmt_s,
     format_table,
     machine_line,
+    proxyclip_pair,
 )
 
 
@@ -44,13 +45,8 @@ def bench_clearclip(model, device, dtype, repeats: int, k: int = 20, size: int =
 
 def bench_proxyclip(model, device, dtype, repeats: int, k: int = 171, proxy_grid: int = 42, crop: int = 336,
                     proxy_model: bool = True) -> list[Row]:
-    g = torch.Generator().manual_seed(2)
-    pixels = torch.randn(1, 3, crop, crop, generator=g).to(device=device, dtype=dtype)
-    text = F.normalize(torch.randn(k, model.visual.output_dim, generator=g), dim=-1).to(device=device, dtype=dtype)
-    proxy = torch.randn(1, 768, proxy_grid, proxy_grid, generator=g).to(device=device, dtype=dtype)
-    cfg = FeedbackConfig()
-    base = lambda: compute_patch_logits(model, pixels, text, "proxyclip", proxy_features=proxy)  # noqa: E731
-    fsa = lambda: compute_patch_logits(model, pixels, text, "proxyclip", feedback=cfg, proxy_features=proxy)  # noqa
+    base, fsa = proxyclip_pair(model, device, dtype, k=k, crop=crop, channels=768, grid=(proxy_grid, proxy_grid),
+                               seed=2)
     tb, tf = time_pair(base, fsa, device, repeats)
     extra = peak_of(fsa, device) - peak_of(base, device)
     n = proxy_grid * proxy_grid
@@ -88,17 +84,11 @@ def bench_proxy_families(model, device, dtype, repeats: int, k: int = 171, crop:
     from .proxies import proxy_spec
 
     rows = []
-    g = torch.Generator().manual_seed(5)
-    pixels = torch.randn(1, 3, crop, crop, generator=g).to(device=device, dtype=dtype)
-    text = F.normalize(torch.randn(k, model.visual.output_dim, generator=g), dim=-1).to(device=device, dtype=dtype)
-    cfg = FeedbackConfig()
-    for name in names:
+    for i, name in enumerate(names):
         spec = proxy_spec(name)
         gh, gw = spec.grid(crop, crop, crop)
-        proxy = torch.randn(1, spec.channels, gh, gw, generator=g).to(device=device, dtype=dtype)
-        base = lambda proxy=proxy: compute_patch_logits(model, pixels, text, "proxyclip", proxy_features=proxy)  # noqa
-        fsa = lambda proxy=proxy: compute_patch_logits(model, pixels, text, "proxyclip", feedback=cfg,  # noqa: E731
-                                                       proxy_features=proxy)
+        base, fsa = proxyclip_pair(model, device, dtype, k=k, crop=crop, channels=spec.channels, grid=(gh, gw),
+                                   seed=5 + i)
         note = "proxy features given"
         if proxy_model:
             note += f"; {spec.label} forward {_fmt_s(proxy_forward_seconds(name, device, dtype, crop))} per window"

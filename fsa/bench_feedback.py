@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .bench_timing import Row, _fmt_s, _sync, naive_feedback_step, peak_of, time_pair
+from .bench_timing import Row, _fmt_s, _sync, naive_feedback_step, peak_of, proxyclip_pair, time_pair
 from .config import METHODS, FeedbackConfig, SegmentSettings
 from .feedback import UpsampledValues, adapt_values, adapted_attention, ensemble_apply, feedback_attention
 from .logits import compute_patch_logits
@@ -121,13 +121,8 @@ def bench_feedback_step(model, device, dtype, repeats: int, k: int = 171, side: 
 def bench_sam(model, device, dtype, repeats: int, k: int = 171, proxy_grid: int = 64, channels: int = 256,
               crop: int = 336) -> Row:
     """(g) ProxyCLIP with a SAM-sized proxy grid (64×64: N = 4096), proxy features given (random)."""
-    g = torch.Generator().manual_seed(4)
-    pixels = torch.randn(1, 3, crop, crop, generator=g).to(device=device, dtype=dtype)
-    text = F.normalize(torch.randn(k, model.visual.output_dim, generator=g), dim=-1).to(device=device, dtype=dtype)
-    proxy = torch.randn(1, channels, proxy_grid, proxy_grid, generator=g).to(device=device, dtype=dtype)
-    cfg = FeedbackConfig()
-    base = lambda: compute_patch_logits(model, pixels, text, "proxyclip", proxy_features=proxy)  # noqa: E731
-    fsa = lambda: compute_patch_logits(model, pixels, text, "proxyclip", feedback=cfg, proxy_features=proxy)  # noqa
+    base, fsa = proxyclip_pair(model, device, dtype, k=k, crop=crop, channels=channels,
+                               grid=(proxy_grid, proxy_grid), seed=4)
     tb, tf = time_pair(base, fsa, device, repeats)
     extra = peak_of(fsa, device) - peak_of(base, device)
     n = proxy_grid * proxy_grid

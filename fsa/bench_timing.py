@@ -19,6 +19,7 @@ import torch
 
 from .config import FeedbackConfig
 from .feedback import adapted_attention, prune_top_p_sorted
+from .logits import compute_patch_logits
 
 
 @dataclass
@@ -176,3 +177,23 @@ def machine_line(device: torch.device) -> str:
     else:
         name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     return f"device: {name}; torch {torch.__version__}"
+
+
+def proxyclip_pair(model, device, dtype, *, k: int, crop: int, channels: int, grid: tuple[int, int],
+                   seed: int) -> tuple[Callable[[], object], Callable[[], object]]:
+    """ProxyCLIP without and with FSA (paper settings) on one crop × crop window: seeded random pixels, K
+    random L2-normalised text features and (1, channels, *grid) proxy features given. → (baseline, FSA) calls."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(1, 3, crop, crop, generator=g).to(device=device, dtype=dtype)
+    text = torch.nn.functional.normalize(torch.randn(k, model.visual.output_dim, generator=g), dim=-1)
+    text = text.to(device=device, dtype=dtype)
+    proxy = torch.randn(1, channels, *grid, generator=g).to(device=device, dtype=dtype)
+    cfg = FeedbackConfig()
+
+    def baseline():
+        return compute_patch_logits(model, pixels, text, "proxyclip", proxy_features=proxy)
+
+    def with_fsa():
+        return compute_patch_logits(model, pixels, text, "proxyclip", feedback=cfg, proxy_features=proxy)
+
+    return baseline, with_fsa
