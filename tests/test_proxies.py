@@ -6,15 +6,16 @@ the published facebookresearch/dino model file (see the README there).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from _golden import load_golden
+from _pixels import CPU, IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD
+from _pixels import channels as _chan
+from _pixels import imagenet as _imagenet
 from fsa.images import CLIP_PIXEL_MEAN_255, CLIP_PIXEL_STD_255
 from fsa.proxies import (
     ProxyModel,
@@ -25,15 +26,6 @@ from fsa.proxies import (
     tiny_test_proxy,
 )
 
-CPU = torch.device("cpu")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def _chan(values, dtype=torch.float64) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype).view(1, 3, 1, 1)
 
 
 def _plain_forward(model: VisionTransformer, x: torch.Tensor, patch_table: torch.Tensor, **layout) -> torch.Tensor:
@@ -66,10 +58,6 @@ def _published_dino_table(model: VisionTransformer, rows: int, cols: int) -> tor
         return table
     return F.interpolate(table, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic",
                          align_corners=False, antialias=False)
-
-
-def _imagenet(rgb01: torch.Tensor) -> torch.Tensor:
-    return (rgb01 - _chan(IMAGENET_MEAN, rgb01.dtype)) / _chan(IMAGENET_STD, rgb01.dtype)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,9 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer_sam import VisionTransformerSAM
 
 from _golden import load_golden
+from _pixels import CPU, OPENAI_MEAN, OPENAI_STD
+from _pixels import channels as _chan
+from _pixels import imagenet as _imagenet
 from fsa.hub import WeightsUnavailableError
 from fsa.config import PROXIES, TINY_PROXIES, default_lambda
 from fsa.proxies import (
@@ -31,17 +34,8 @@ from fsa.proxies import (
 )
 from fsa.proxy_models import build_proxy_model, load_proxy_state
 
-CPU = torch.device("cpu")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 MAE_INPUTS = ("224x224", "336x336", "448x448", "280x392")
 SAM_INPUTS = ("336x336", "224x224", "280x392")
-
-
-def _chan(values, dtype=torch.float64) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype).view(1, 3, 1, 1)
 
 
 def _rgb01(golden, key: str) -> torch.Tensor:
@@ -51,10 +45,6 @@ def _rgb01(golden, key: str) -> torch.Tensor:
 def _openai_pixels(rgb01: torch.Tensor) -> torch.Tensor:
     """CLIP-normalised pixels whose un-normalisation (x·std + mean, OpenAI's) gives rgb01 back in float64."""
     return (rgb01 - _chan(OPENAI_MEAN)) / _chan(OPENAI_STD)
-
-
-def _imagenet(rgb01: torch.Tensor) -> torch.Tensor:
-    return (rgb01 - _chan(IMAGENET_MEAN, rgb01.dtype)) / _chan(IMAGENET_STD, rgb01.dtype)
 
 
 # -- goldens -----------------------------------------------------------------------------------------
