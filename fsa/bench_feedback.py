@@ -111,7 +111,7 @@ def bench_feedback_step(model, device, dtype, repeats: int, k: int = 171, side: 
     rows.append(_step_row(f"(f) feedback step alone, N={n}, K={k}, synthetic Π: today → ours", *synthetic, cfg,
                           device, repeats))
     pi, a0, v, up = step_inputs(side, k, device, seed=2, pi=real_pi)
-    rows.append(_step_row(f"(f) same, Π of the ProxyCLIP pass: today → ours", pi, a0, v, up, cfg, device, repeats))
+    rows.append(_step_row("(f) same, Π of the ProxyCLIP pass: today → ours", pi, a0, v, up, cfg, device, repeats))
     for label, p in (("synthetic", synthetic[0]), ("ProxyCLIP pass", pi)):
         sim = output_similarity(p, cfg.eps)
         rows.append(_top_p_row(f"(f) top-p alone, N={n}, {label} Π: sorted → ours", sim, cfg.p, device, repeats))

@@ -18,7 +18,8 @@ from typing import Callable, Optional
 import torch
 
 from .config import FeedbackConfig
-from .feedback import adapted_attention, prune_top_p_sorted
+from .feedback import adapted_attention
+from .top_p import prune_top_p_sorted
 from .logits import compute_patch_logits
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from .attention import apply_attention, apply_shared
 from .config import SIMILARITIES, FeedbackConfig
 from .sliding import linear_resize_matrix
-from .top_p import prune_top_p, prune_top_p_sorted  # noqa: F401  (prune_top_p_sorted: the reference)
+from .top_p import prune_top_p
 from .vision import compute_dtype
 
 

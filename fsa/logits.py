@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from .attention import BaseAttention, baseline_attention
 from .config import METHOD_DEFAULTS, FeedbackConfig, MethodOptions, check_method
 from .feedback import UpsampledValues, adapt_values, class_distribution, feedback_attention
-from .trunk import TowerPlan, Trunk, TrunkNeed, run_trunks, suppressed_c_proj, tower_plan  # noqa: F401
+from .trunk import TowerPlan, Trunk, TrunkNeed, run_trunks, tower_plan
 from .vision import (block_qkv, compute_dtype, embed_tokens, finish_block, finish_last_block, project_tokens,
                      run_blocks, softmax_attention)
 

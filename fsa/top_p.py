@@ -29,7 +29,6 @@ O(N²) memory, worked on blocks of rows that stay in cache; the result does not 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -121,8 +120,6 @@ def prune_top_p(sim: Tensor, p: float) -> Tensor:
 
 def _keep_block(rows: Tensor, p: float, p_th: float, kappa: float, out: Tensor) -> None:
     """The kept mask of a block of rows (R, N), written into out (R, N) bool."""
-    r_count = rows.shape[0]
-    device = rows.device
     if p_th >= 1.0:  # every cumulative sum is clamped to ≤ 1: nothing is pruned
         out.fill_(True)
         bad = torch.nonzero(~torch.isfinite(rows).all(dim=-1))[:, 0]
