@@ -116,11 +116,25 @@ def linear_resize_matrix(src: int, dst: int, dtype=torch.float32, device=None) -
     return F.interpolate(eye, size=dst, mode="linear", align_corners=False)[0].T.contiguous()
 
 
+def linear_taps(src: int, dst: int, dtype=torch.float32, device=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The two taps of each output of a 1-D linear resize src → dst (align_corners=False): (i0, i1, w0, w1),
+    each (dst,), with output_y = w0·x[i0] + w1·x[i1]; read off `linear_resize_matrix`, so the weights are
+    F.interpolate's own. At the border (i0 = src − 1) the one weight is w0 and w1 = 0."""
+    m = linear_resize_matrix(src, dst, dtype, device)
+    i0 = (m > 0).to(torch.uint8).argmax(dim=1)  # w0 = 1 − w1 > 0: the first nonzero is i0
+    i1 = (i0 + 1).clamp(max=src - 1)
+    w0 = m.gather(1, i0[:, None])[:, 0]
+    w1 = torch.where(i1 != i0, m.gather(1, i1[:, None])[:, 0], 0.0)
+    return i0, i1, w0, w1
+
+
 def resized_row_bands(maps: Tensor, height: int, width: int, *, max_elements: int = 1 << 22):
     """Yield (y0, y1, band) with band = bilinear resize of maps (K, h, w) to (K, height, width)[:, y0:y1].
 
     Holds at most about `max_elements` output values at once (16 MB of float32), whatever the image
-    size. A resize to the same size is the identity: its bands are views of `maps`.
+    size. A resize to the same size is the identity: its bands are views of `maps`. Each band resizes
+    the rows of `maps` it needs along x (F.interpolate's 1-D kernel), then mixes the two taps of each
+    output row: a few passes over the band (dense resize matrices cost 2·h + 2·w multiply-adds per value).
     """
     k, h, w = maps.shape
     rows = max(1, max_elements // max(1, k * width))
@@ -128,9 +142,14 @@ def resized_row_bands(maps: Tensor, height: int, width: int, *, max_elements: in
         for y0 in range(0, height, rows):
             yield y0, min(height, y0 + rows), maps[:, y0:y0 + rows]
         return
-    ry = linear_resize_matrix(h, height, maps.dtype, maps.device)
-    rx = linear_resize_matrix(w, width, maps.dtype, maps.device)
+    i0, i1, w0, w1 = linear_taps(h, height, maps.dtype, maps.device)
+    w0, w1 = w0[:, None], w1[:, None]
     for y0 in range(0, height, rows):
         y1 = min(height, y0 + rows)
-        band = torch.einsum("yh,khw->kyw", ry[y0:y1], maps)
-        yield y0, y1, band @ rx.T
+        r0, r1 = int(i0[y0]), int(i1[y1 - 1]) + 1  # the source rows this band reads
+        src = maps[:, r0:r1]
+        if w != width:
+            src = F.interpolate(src.reshape(1, k * (r1 - r0), w), size=width, mode="linear",
+                                align_corners=False).view(k, r1 - r0, width)
+        band = src.index_select(1, i0[y0:y1] - r0).mul_(w0[y0:y1])
+        yield y0, y1, band.add_(src.index_select(1, i1[y0:y1] - r0).mul_(w1[y0:y1]))

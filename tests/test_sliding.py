@@ -73,6 +73,17 @@ def test_banded_resize_equals_bilinear_interpolate(size):
     assert torch.allclose(out, ref, atol=1e-12)
 
 
+@pytest.mark.parametrize("source, size", [((20, 28, 37), (480, 640)), ((3, 50, 40), (17, 90)), ((4, 9, 30), (9, 11)),
+                                          ((2, 30, 9), (45, 9)), ((5, 1, 6), (4, 3))])
+def test_banded_resize_float32_within_rounding_of_interpolate(source, size):
+    """Up- and downsampling, one side unchanged, one source row: float32 within a few ulps of F.interpolate."""
+    x = torch.randn(*source, generator=torch.Generator().manual_seed(1))
+    ref = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+    out = torch.cat([b for _, _, b in resized_row_bands(x, *size, max_elements=source[0] * size[1] * 7)], dim=1)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() <= 4 * torch.finfo(torch.float32).eps * ref.abs().max()
+
+
 def test_same_size_bands_are_views_of_the_maps():
     x = torch.randn(4, 10, 6)
     bands = list(resized_row_bands(x, 10, 6, max_elements=4 * 6 * 3))
