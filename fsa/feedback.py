@@ -21,7 +21,7 @@ from torch import Tensor
 from .attention import apply_attention, apply_shared
 from .config import SIMILARITIES, FeedbackConfig
 from .sliding import linear_resize_matrix
-from .top_p import prune_top_p
+from .top_p import Workspace, prune_top_p
 from .vision import compute_dtype
 
 
@@ -54,9 +54,9 @@ def _without_subnormals(pi: Tensor) -> Tensor:
     return pi.masked_fill(small, 0.0) if bool(small.any()) else pi
 
 
-#: Rows of KL / Ŝ / A_new made at a time (2 MiB of float32 per temporary): the passes over a block of rows
-#: (the product's epilogue, top-p, the scaling) stay in cache, and the full N×N is written once.
-ROW_BLOCK_ELEMENTS = 1 << 19
+#: Rows of KL / Ŝ / A_new made at a time (4 MiB of float32 per temporary, reused block to block): the full
+#: N×N is written once, and top-p's per-block operations are paid on few blocks.
+ROW_BLOCK_ELEMENTS = 1 << 20
 
 
 def _kl_terms(pi: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -67,10 +67,10 @@ def _kl_terms(pi: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     return pi, g, (pi * g).sum(dim=-1, keepdim=True)  # h: (B, N, 1)
 
 
-def _kl_rows(terms: tuple[Tensor, Tensor, Tensor], b: int, r0: int, r1: int) -> Tensor:
-    """Rows r0..r1 of image b's KL matrix: (r1 − r0, N), clamped ≥ 0, diagonal 0."""
+def _kl_rows(terms: tuple[Tensor, Tensor, Tensor], b: int, r0: int, r1: int, out: Optional[Tensor] = None) -> Tensor:
+    """Rows r0..r1 of image b's KL matrix: (r1 − r0, N), clamped ≥ 0, diagonal 0 (written into out when given)."""
     pi, g, h = terms
-    kl = torch.addmm(h[b, r0:r1], pi[b, r0:r1], g[b].T, beta=1.0, alpha=-1.0)
+    kl = torch.addmm(h[b, r0:r1], pi[b, r0:r1], g[b].T, beta=1.0, alpha=-1.0, out=out)
     kl.diagonal(offset=r0).zero_()
     return kl.clamp_(min=0.0)
 
@@ -171,10 +171,11 @@ def adapted_attention(sim: Tensor, keep: Optional[Tensor], lam: float) -> Tensor
     return _scaled_softmax(sim, None if keep is None else ~keep, lam)
 
 
-def _scaled_softmax(sim: Tensor, pruned: Optional[Tensor], lam: float, out: Optional[Tensor] = None) -> Tensor:
+def _scaled_softmax(sim: Tensor, pruned: Optional[Tensor], lam: float, out: Optional[Tensor] = None,
+                    logits: Optional[Tensor] = None) -> Tensor:
     """softmax_row(Ŝ·exp(λŜ)), −inf where pruned; the same arithmetic as `adapted_attention`, in one buffer
-    (and written into out, of sim's shape, when given)."""
-    logits = torch.exp(lam * sim).mul_(sim)  # Ŝ·exp(λŜ): the product commutes, bit for bit
+    (`logits`, of sim's shape, when given), written into out when given."""
+    logits = torch.mul(sim, lam, out=logits).exp_().mul_(sim)  # Ŝ·exp(λŜ): the product commutes, bit for bit
     if pruned is not None:
         logits.masked_fill_(pruned, float("-inf"))
     if out is None:
@@ -281,11 +282,14 @@ def feedback_attention(pi: Tensor, cfg: FeedbackConfig) -> Tensor:
     terms = _kl_terms(pi, cfg.eps)
     b_count, n = pi.shape[:2]
     out = terms[0].new_empty(b_count, n, n)
+    ws = Workspace()  # the blocks' temporaries, reused: fresh ones would page-fault on every block
+    dt, dev = out.dtype, out.device
     for b in range(b_count):
         for r0, r1 in _row_blocks(n):
-            sim = _kl_rows(terms, b, r0, r1).add_(1.0).reciprocal_()
-            pruned = prune_top_p(sim, cfg.p).logical_not_() if cfg.pruning else None
-            _scaled_softmax(sim, pruned, cfg.lam, out=out[b, r0:r1])
+            shape = (r1 - r0, n)
+            sim = _kl_rows(terms, b, r0, r1, out=ws.take("sim", shape, dt, dev)).add_(1.0).reciprocal_()
+            pruned = prune_top_p(sim, cfg.p, ws).logical_not_() if cfg.pruning else None
+            _scaled_softmax(sim, pruned, cfg.lam, out=out[b, r0:r1], logits=ws.take("logits", shape, dt, dev))
     return out
 
 

@@ -121,3 +121,37 @@ def test_margin_refuses_what_it_cannot_bound():
     assert top_p._margin(1000, torch.float32, torch.device("meta")) is None
     kappa = top_p._margin(1764, torch.float32, torch.device("cpu"))
     assert 0 < kappa < 1e-4
+
+
+def test_bins_decide_rows_of_ties_in_further_rounds(monkeypatch):
+    """Near one-hot Π through the bins: the boundary bin often holds a stretch of neighbouring floats around a
+    long run of ties; binning that bin again decides the row (the reference only takes a few), equal on every
+    entry. With one round only, 317 of these 1764 rows went to the reference (30 with three)."""
+    monkeypatch.setattr(top_p, "TIED_SHARE", 2.0)
+    seen, rounds = [], []
+    real, real_bins = top_p.prune_top_p_sorted, top_p._bin_keep
+
+    def counting(sim, p):
+        seen.append(sim.reshape(-1, sim.shape[-1]).shape[0])
+        return real(sim, p)
+
+    def bins(rows, *args):
+        rounds.append(rows.shape[0])
+        return real_bins(rows, *args)
+
+    monkeypatch.setattr(top_p, "prune_top_p_sorted", counting)
+    monkeypatch.setattr(top_p, "_bin_keep", bins)
+    sim = _sim("peaked", 1764, seed=2)
+    assert torch.equal(top_p.prune_top_p(sim, 0.45), real(sim, 0.45))
+    blocks = -(-1764 // (top_p.CHUNK_ELEMENTS // 1764))
+    assert len(rounds) > blocks, "no row was binned a second time"
+    assert sum(seen) < 0.1 * 1764, f"{sum(seen)} of 1764 rows went to the reference"
+
+
+def test_a_workspace_shared_by_calls_of_any_shape():
+    """Buffers reused across calls (as `feedback_attention` does over its row blocks) change nothing."""
+    ws = top_p.Workspace()
+    for kind, n, dtype in [("uniform", 900, torch.float32), ("peaked", 300, torch.float32),
+                           ("clustered", 1200, torch.float64), ("uniform", 700, torch.float32)]:
+        sim = _sim(kind, n, seed=n, dtype=dtype)
+        assert torch.equal(prune_top_p(sim, 0.45, ws), prune_top_p_sorted(sim, 0.45))
