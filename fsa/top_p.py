@@ -104,7 +104,7 @@ def _margin(n: int, dtype: torch.dtype, device: torch.device) -> Optional[float]
 
 class Workspace:
     """Buffers reused by the blocks of one call, each as large as its largest request: a fresh multi-MiB
-    temporary per block costs its page faults again on every block (a third of the time of top-p)."""
+    temporary per block pays its page faults again on every block."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, Tensor] = {}
@@ -190,12 +190,6 @@ def _sample_band(values: Tensor, weights: Tensor, p: float) -> tuple[Tensor, Ten
     top = values.gather(1, (cut - reach).clamp(0, ns - 1)[:, None])[:, 0]
     bottom = values.gather(1, (cut + reach).clamp(0, ns - 1)[:, None])[:, 0]
     return top, bottom
-
-
-def _ulps(top: Tensor, bottom: Tensor) -> Tensor:
-    """Representable steps from bottom up to top, for 0 < bottom ≤ top (int64)."""
-    kind = torch.int32 if top.dtype == torch.float32 else torch.int64
-    return top.contiguous().view(kind).long() - bottom.contiguous().view(kind).long()
 
 
 def _bin_keep(rows: Tensor, w: Tensor, top: Tensor, bottom: Tensor, p_th: float, kappa: float,
