@@ -177,7 +177,10 @@ def _scaled_softmax(sim: Tensor, pruned: Optional[Tensor], lam: float, out: Opti
     (`logits`, of sim's shape, when given), written into out when given."""
     logits = torch.mul(sim, lam, out=logits).exp_().mul_(sim)  # Ŝ·exp(λŜ): the product commutes, bit for bit
     if pruned is not None:
-        logits.masked_fill_(pruned, float("-inf"))
+        # the pruned entries minus the dtype's largest value: below every kept entry (Ŝ·exp(λŜ) ∈ [0, 1.7e38] for
+        # λ ≤ 88), so their exps are exactly 0 as with −inf and the softmax is the same bit for bit; the add runs
+        # about 3× faster than masked_fill_
+        logits.add_(pruned, alpha=-torch.finfo(logits.dtype).max)
     if out is None:
         return logits.softmax(dim=-1)
     return torch.ops.aten._softmax.out(logits, -1, False, out=out)  # softmax's own kernel, no copy
@@ -244,21 +247,29 @@ def upsampling_adjoint(a: Tensor, coarse_grid: tuple[int, int], grid: tuple[int,
     return (t.reshape(b * m * gh, j) @ rx).view(b, m, gh * gw)
 
 
-def ensemble_apply_upsampled(a_new: Tensor, a0: Optional[Tensor], values: UpsampledValues) -> Tensor:
-    """`ensemble_apply` for upsampled values and one attention shared by all heads, no CLS (ProxyCLIP).
+def coarse_mixing(a_new: Tensor, a0: Optional[Tensor], values: UpsampledValues) -> Tensor:
+    """M (B, N, gh·gw) with A_ens v = M·v_c for upsampled values v = R·v_c and one attention shared by all heads:
+    M = (A_new·(A₀R) + A₀·(A_new R) + A_new R) / 3, or A_new R with a0 None (the identity: A_ens = A_new).
 
-    A_ens v = ((A_new·(A₀R) + A₀·(A_new R) + A_new R)·v_c) / 3: A₀R and A_new R are the adjoint of the
-    upsampling applied to each row (`upsampling_adjoint`), so the two N×N products run over the gh·gw
-    coarse cells instead of H·d channels. The same sum as `ensemble_apply` in exact arithmetic.
-    a_new: (B, N, N); a0: (B, 1, N, N) or None (identity) → (B, H, N, d).
+    A₀R and A_new R are the adjoint of the upsampling applied to each row (`upsampling_adjoint`), so the two
+    N×N products run over the gh·gw coarse cells instead of H·d channels. Every row of M sums to 1 (rows of
+    attention and of bilinear weights do). a_new: (B, N, N); a0: (B, 1, N, N) or None.
     """
     a_new_r = upsampling_adjoint(a_new, values.coarse_grid, values.grid)
     if a0 is None:
-        return _apply_coarse(a_new_r, values.coarse)
+        return a_new_r
     a0 = a0[:, 0]
     mixed = torch.baddbmm(a_new_r, a_new, upsampling_adjoint(a0, values.coarse_grid, values.grid))
     mixed.baddbmm_(a0, a_new_r)
-    return _apply_coarse(mixed.div_(3.0), values.coarse)
+    return mixed.div_(3.0)
+
+
+def ensemble_apply_upsampled(a_new: Tensor, a0: Optional[Tensor], values: UpsampledValues) -> Tensor:
+    """`ensemble_apply` for upsampled values and one attention shared by all heads, no CLS (ProxyCLIP):
+    `coarse_mixing` applied to v_c, the same sum as `ensemble_apply` in exact arithmetic.
+    a_new: (B, N, N); a0: (B, 1, N, N) or None (identity) → (B, H, N, d).
+    """
+    return _apply_coarse(coarse_mixing(a_new, a0, values), values.coarse)
 
 
 def _apply_coarse(a: Tensor, v: Tensor) -> Tensor:
@@ -293,6 +304,15 @@ def feedback_attention(pi: Tensor, cfg: FeedbackConfig) -> Tensor:
     return out
 
 
+def adapted_mixing(a_new: Tensor, a0: Optional[Tensor], cfg: FeedbackConfig, *, cls_token: bool,
+                   upsampled: Optional[UpsampledValues]) -> Optional[Tensor]:
+    """`coarse_mixing` M (B, N, gh·gw) with `adapt_values`(…) = M·v_c, where adapt_values works on the coarse
+    grid (upsampled values, a0 shared by all heads or None, no CLS token); None elsewhere."""
+    if upsampled is None or cls_token or (a0 is not None and a0.shape[1] != 1):
+        return None
+    return coarse_mixing(a_new, a0 if cfg.ensemble else None, upsampled)
+
+
 def adapt_values(
     a_new: Tensor,
     a0: Optional[Tensor],
@@ -308,10 +328,9 @@ def adapt_values(
     upsampled: v as an upsampling of coarser values (ProxyCLIP), with a0 shared by all heads (or None)
     and no CLS token: then the products run on the coarse values (`ensemble_apply_upsampled`).
     """
-    if upsampled is not None and not cls_token and (a0 is None or a0.shape[1] == 1):
-        v_c = upsampled.coarse.to(a_new.dtype)
-        up = UpsampledValues(v_c, upsampled.coarse_grid, upsampled.grid)
-        return ensemble_apply_upsampled(a_new, a0 if cfg.ensemble else None, up)
+    mixing = adapted_mixing(a_new, a0, cfg, cls_token=cls_token, upsampled=upsampled)
+    if mixing is not None:
+        return _apply_coarse(mixing, upsampled.coarse.to(a_new.dtype))
     if cfg.ensemble:
         return ensemble_apply(a_new, a0, v, cls_token=cls_token, a0_v=a0_v)
     return apply_new(a_new, v, cls_token=cls_token)

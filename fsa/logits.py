@@ -39,10 +39,10 @@ from torch import Tensor, nn
 
 from .attention import BaseAttention, baseline_attention
 from .config import METHOD_DEFAULTS, FeedbackConfig, MethodOptions, check_method
-from .feedback import UpsampledValues, adapt_values, class_distribution, feedback_attention
+from .feedback import UpsampledValues, adapt_values, adapted_mixing, class_distribution, feedback_attention
 from .trunk import TowerPlan, Trunk, TrunkNeed, run_trunks, tower_plan
-from .vision import (block_qkv, compute_dtype, embed_tokens, finish_block, finish_last_block, project_tokens,
-                     run_blocks, softmax_attention)
+from .vision import (block_qkv, compute_dtype, embed_tokens, finish_block, finish_last_block, finish_last_block_mixed,
+                     project_tokens, run_blocks, softmax_attention)
 
 
 @dataclass
@@ -341,10 +341,16 @@ def _head(model: nn.Module, trunk: Trunk, text_features: Tensor, prep: _Prepared
             pi = class_distribution(z_cos, u_cos if feedback.isolation else None, feedback)
             a_new = feedback_attention(pi, feedback)
             if start >= depth - 1:  # the last block alone, always with the baseline's A₀
-                mixed = adapt_values(a_new, base.weights, base.values, feedback, cls_token=base.cls_token,
-                                     a0_v=a0_v, upsampled=upsampled)
-                fsa_out, block_qk = finish_last_block(last, x, mixed, residual=rule.residual, ffn=rule.ffn), {}
-                del mixed
+                mixing = None if rule.residual or rule.ffn else adapted_mixing(
+                    a_new, base.weights, feedback, cls_token=base.cls_token, upsampled=upsampled)
+                if mixing is not None:  # out_proj on the coarse grid's values, before the mixing
+                    fsa_out = finish_last_block_mixed(last, mixing, upsampled.coarse, x.dtype)
+                else:
+                    mixed = adapt_values(a_new, base.weights, base.values, feedback, cls_token=base.cls_token,
+                                         a0_v=a0_v, upsampled=upsampled)
+                    fsa_out = finish_last_block(last, x, mixed, residual=rule.residual, ffn=rule.ffn)
+                block_qk = {}
+                del mixing
             else:
                 fsa_out, block_qk = _rerun_pass(visual, entering[start], start, plan, maps, a_new, adapted, feedback,
                                                 method, clip_grid, proxy_features, options)

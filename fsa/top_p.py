@@ -148,26 +148,27 @@ def _keep_block(rows: Tensor, p: float, p_th: float, kappa: float, out: Tensor, 
             out[bad] = prune_top_p_sorted(rows[bad], p)
         return
     columns = _sample_columns(rows.shape[1], rows.device)
-    values, order = rows[:, columns].sort(dim=-1, descending=True)  # a sample of each row
+    values, order = rows.index_select(1, columns).sort(dim=-1, descending=True)  # a sample of each row
     repeats = (values[:, 1:] == values[:, :-1]).sum(dim=1)
     if float((repeats >= values.shape[1] // 4).float().mean()) > TIED_SHARE:
         out.copy_(prune_top_p_sorted(rows, p))  # rows made of runs of ties: sorting them beats the bins
         return
     w = torch.ops.aten._softmax.out(rows, -1, False, out=ws.take("w", rows.shape, rows.dtype, rows.device))
-    top, bottom = _sample_band(values, w[:, columns].gather(1, order), p)
+    top, bottom = _sample_band(values, w.index_select(1, columns).gather(1, order), p)
     failed, retry, top, bottom = _bin_keep(rows, w, top, bottom, p_th, kappa, out, ws)
     failed = [failed]
     for _ in range(ROUNDS - 1):  # rows whose boundary bin held many entries: again, the band being that bin
         if not retry.numel():
             break
         sub_out = torch.empty((retry.numel(), rows.shape[1]), dtype=torch.bool, device=rows.device)
-        again, next_retry, top, bottom = _bin_keep(rows[retry], w[retry], top, bottom, p_th, kappa, sub_out, ws)
-        out[retry] = sub_out
+        again, next_retry, top, bottom = _bin_keep(rows.index_select(0, retry), w.index_select(0, retry), top, bottom,
+                                                   p_th, kappa, sub_out, ws)
+        out.index_copy_(0, retry, sub_out)
         failed.append(retry[again])
         retry = retry[next_retry]
     failed = torch.cat(failed + [retry])
     if failed.numel():
-        out[failed] = prune_top_p_sorted(rows[failed], p)
+        out.index_copy_(0, failed, prune_top_p_sorted(rows.index_select(0, failed), p))
 
 
 def _sample_columns(n: int, device) -> Tensor:
@@ -241,42 +242,51 @@ def _bin_keep(rows: Tensor, w: Tensor, top: Tensor, bottom: Tensor, p_th: float,
     # too many candidates to list: a bin of equal entries (a run of ties) is counted; a bin of many distinct
     # values (a band that missed, a dense stretch) is binned again over its own range
     many = torch.nonzero(heavy & ~failed)[:, 0]
-    run = retry = many
+    run = retry = many[:0]
+    retry_top = retry_bottom = rows.new_empty(0)
     if many.numel():
-        sub, c = rows[many], cand[many]
-        high = torch.where(c, sub, -math.inf).amax(dim=1)
-        low = torch.where(c, sub, math.inf).amin(dim=1)
-        del sub, c
-        equal = high == low
-        run, retry, retry_top, retry_bottom = many[equal], many[~equal], high[~equal], low[~equal]
-    if run.numel():
-        sub = rows[run]
-        at = cand[run].view(torch.uint8).argmax(dim=1, keepdim=True)  # an entry of the run
-        done, run_mask = _run_keep(sub, sub.gather(1, at)[:, 0], w[run].gather(1, at)[:, 0].double(), counts[run],
-                                   above[run], limit[run], kappa)
-        del sub
-        failed[run] = ~done  # a run whose cut is too close to p to decide
-    if not retry.numel():
-        retry_top = retry_bottom = rows.new_empty(0)
+        # each tried as a run (equal to one of its candidates); on most of the block, the block itself (no copies)
+        whole = 2 * many.numel() > r_count
+        sub, c, ws_ = (rows, cand, w) if whole else (t.index_select(0, many) for t in (rows, cand, w))
+        at = c.view(torch.uint8).argmax(dim=1, keepdim=True)  # an entry of the bin
+        pick = (lambda t: t) if whole else (lambda t: t[many])  # noqa: E731
+        done, is_run, run_mask = _run_keep(sub, sub.gather(1, at)[:, 0], ws_.gather(1, at)[:, 0].double(),
+                                           pick(counts), pick(above), pick(limit), kappa)
+        del sub, c, ws_
+        if whole:
+            done, is_run, run_in_block = done[many], is_run[many], run_mask
+        run, retry = many[is_run], many[~is_run]
+        failed[run] = ~done[is_run]  # a run whose cut is too close to p to decide
+        if not whole and run.numel():
+            run_mask = run_mask[is_run]
+        if retry.numel():
+            sub, c = rows.index_select(0, retry), cand.index_select(0, retry)
+            retry_top = torch.where(c, sub, -math.inf).amax(dim=1)
+            retry_bottom = torch.where(c, sub, math.inf).amin(dim=1)
+            del sub, c
     unlisted = torch.nonzero(failed | heavy)[:, 0]  # heavy: runs too
     if unlisted.numel():
         cand[unlisted] = False
     cr, cc = cand.nonzero(as_tuple=True)  # row by row, columns ascending
     if cr.numel():
         failed |= _list_keep(rows, w, cr, cc, above, limit, kappa, out)  # writes every row of out
-    if run.numel():
-        out[run] = run_mask
+    if run.numel() and whole:
+        is_run_row = torch.zeros(r_count, dtype=torch.bool, device=device).index_fill_(0, run, True)
+        torch.where(is_run_row[:, None], run_in_block, out, out=out)
+    elif run.numel():
+        out.index_copy_(0, run, run_mask)
     return torch.nonzero(failed)[:, 0], retry, retry_top, retry_bottom
 
 
 def _run_keep(rows: Tensor, value: Tensor, weight: Tensor, count: Tensor, above: Tensor, p_th: Tensor,
-              kappa: float) -> tuple[Tensor, Tensor]:
-    """Rows (R', N) whose candidates are `count` entries all equal to `value` (weight: their w, float64),
+              kappa: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows (R', N) whose `count` candidates may all equal `value`, an entry of theirs (weight: its w, float64),
     after a mass `above` of entries kept for certain.
 
-    In the sorted order the run comes in column order, each entry with the same weight (equal values,
+    In the sorted order such a run comes in column order, each entry with the same weight (equal values,
     equal weights), so its j-th entry has the running sum above + j·weight (exact in float64) and the
-    number kept follows without listing the run. → (decided (R',) bool, kept mask (R', N)).
+    number kept follows without listing the run. → (decided (R',) bool, is a run (R',) bool: the candidates
+    are all equal to `value`, kept mask (R', N)).
     """
     u = torch.finfo(rows.dtype).eps / 2
     equal = rows == value[:, None]
@@ -288,10 +298,11 @@ def _run_keep(rows: Tensor, value: Tensor, weight: Tensor, count: Tensor, above:
     j = torch.where(lead, j.clamp(min=1), j)
     sure_in = (j == 0) | ((above + j * weight) * (1.0 + kappa) <= p_th) | (lead & (j == 1))
     sure_out = (j >= count) | ((above + (j + 1) * weight) * (1.0 - kappa) > p_th * (1.0 + u))
-    # the bin's entries must all be equal (a rounding of the bins' arithmetic could put two values in one bin)
-    done = sure_in & sure_out & (weight > 0) & (equal.sum(dim=1) == count)
+    # equal entries share a bin, so the bin is a run exactly when it holds `count` entries equal to `value`
+    is_run = equal.view(torch.uint8).sum(dim=1, dtype=torch.int32) == count
+    done = sure_in & sure_out & (weight > 0) & is_run
     kept = equal.cumsum(dim=1, dtype=torch.int32) <= j.to(torch.int32)[:, None]
-    return done, kept.logical_and_(equal).logical_or_(rows > value[:, None])
+    return done, is_run, kept.logical_and_(equal).logical_or_(rows > value[:, None])
 
 
 def _list_keep(rows: Tensor, w: Tensor, cr: Tensor, cc: Tensor, above: Tensor, limit: Tensor, kappa: float,
@@ -302,11 +313,12 @@ def _list_keep(rows: Tensor, w: Tensor, cr: Tensor, cc: Tensor, above: Tensor, l
     r_count = rows.shape[0]
     device = rows.device
     u = torch.finfo(rows.dtype).eps / 2
-    cv = rows[cr, cc]
-    by_value = torch.sort(cv, descending=True, stable=True).indices
-    order = by_value[torch.sort(cr[by_value], stable=True).indices]
+    n = rows.shape[1]
+    cv = rows.reshape(-1).index_select(0, cr * n + cc)
+    order = _row_value_order(cr, cv)
     cr, cc, cv = cr[order], cc[order], cv[order]
-    cw = w[cr, cc].double()
+    flat = cr * n + cc
+    cw = w.reshape(-1).index_select(0, flat).double()
     counts = torch.bincount(cr, minlength=r_count)
     starts = counts.cumsum(0) - counts
     running = cw.cumsum(0)
@@ -329,5 +341,17 @@ def _list_keep(rows: Tensor, w: Tensor, cr: Tensor, cc: Tensor, above: Tensor, l
     value = torch.where(counts > 0, cv[at], math.inf)  # rows without candidates: decided elsewhere
     torch.gt(rows, value[:, None], out=out)
     tied = kept & (cv == cv[at][cr])  # the kept entries equal to the cut's value
-    out[cr[tied], cc[tied]] = True
+    out.view(-1).index_fill_(0, flat[tied], True)
     return failed
+
+
+def _row_value_order(cr: Tensor, cv: Tensor) -> Tensor:
+    """The order of the candidates (cr, cv: row by row, columns ascending) by row, then by value descending, ties
+    in column order: the reference's stable sort within each row. One sort of an int64 key for float32 values."""
+    if cv.dtype != torch.float32:
+        by_value = torch.sort(cv, descending=True, stable=True).indices
+        return by_value[torch.sort(cr[by_value], stable=True).indices]
+    bits = (cv + 0.0).view(torch.int32).long()  # + 0.0: −0.0 becomes +0.0, as equal as the sort finds them
+    monotone = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed order of the floats' values
+    key = cr * (1 << 32) + (0x7FFFFFFF - monotone)  # row, then value descending (0 ≤ second part < 2³²)
+    return torch.sort(key, stable=True).indices

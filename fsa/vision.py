@@ -142,6 +142,17 @@ def finish_last_block(block: nn.Module, x: Tensor, attn_values: Tensor, *, resid
     return out
 
 
+def finish_last_block_mixed(block: nn.Module, mixing: Tensor, coarse_values: Tensor, dtype: torch.dtype) -> Tensor:
+    """The rest of a last block without residual and FFN whose attention-weighted values are M·v_c (ProxyCLIP
+    with FSA: `fsa.feedback.adapted_mixing`): out_proj(M·v_c) = M·out_proj(v_c), since every row of M sums to 1
+    and the bias passes through; the projection then runs on the C coarse cells instead of the N tokens.
+
+    mixing: (B, N, C); coarse_values: (B, H, C, d) → (B, N, D) in dtype (the tokens').
+    """
+    projected = block.attn.out_proj(merge_heads(coarse_values).to(dtype))  # (B, C, D)
+    return torch.bmm(mixing, projected.to(mixing.dtype)).to(dtype)
+
+
 #: Parameters of a residual block that act after its attention (what `finish_block` may override).
 _AFTER_ATTENTION = ("attn.out_proj", "ls_1", "ln_2", "mlp", "ls_2")
 

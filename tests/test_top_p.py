@@ -155,3 +155,17 @@ def test_a_workspace_shared_by_calls_of_any_shape():
                            ("clustered", 1200, torch.float64), ("uniform", 700, torch.float32)]:
         sim = _sim(kind, n, seed=n, dtype=dtype)
         assert torch.equal(prune_top_p(sim, 0.45, ws), prune_top_p_sorted(sim, 0.45))
+
+
+def test_candidates_ordered_as_the_stable_sort():
+    """One sort of an int64 key (row, value descending) orders float32 candidates as sorting by value (stable,
+    descending) then by row (stable): ties in column order, −0.0 with +0.0, negatives, infinities."""
+    g = torch.Generator().manual_seed(5)
+    cr = torch.randint(0, 7, (400,), generator=g).sort().values
+    pool = torch.tensor([0.0, -0.0, 1.0, -1.0, 2.5, -2.5, float("inf"), float("-inf"), 1e-40, -1e-40, 3e38])
+    cv = torch.where(torch.rand(400, generator=g) < 0.5, pool[torch.randint(0, len(pool), (400,), generator=g)],
+                     torch.randn(400, generator=g))
+    by_value = torch.sort(cv, descending=True, stable=True).indices
+    want = by_value[torch.sort(cr[by_value], stable=True).indices]
+    assert torch.equal(top_p._row_value_order(cr, cv), want)
+    assert torch.equal(top_p._row_value_order(cr, cv.double()), want)
