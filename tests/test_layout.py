@@ -111,3 +111,16 @@ def test_loadtest_starts_the_app_through_the_package(tmp_path):
         assert {"segment", "attention", "compare_all", "score"} <= names
     finally:
         server.stop()
+
+
+def test_loadtest_finds_the_example_images(tmp_path, monkeypatch):
+    """The load test's photos are the repository's examples (it moved into fsa/demo/ once and looked for them in
+    fsa/examples): `make_images` writes them upscaled. The 132-megapixel refusal image is stubbed out here."""
+    from PIL import Image
+
+    assert (loadtest.EXAMPLES_DIR / "coffee.jpg").is_file() and (loadtest.EXAMPLES_DIR / "chelsea_cat.jpg").is_file()
+    real_new = Image.new
+    monkeypatch.setattr(Image, "new", lambda mode, size, color=0: real_new(mode, (8, 8), color))
+    paths = loadtest.make_images(tmp_path, big_side=64)
+    with Image.open(paths["medium"]) as medium, Image.open(paths["big_png"]) as big:
+        assert medium.size == (2000, 1500) and big.size == (64, 64)

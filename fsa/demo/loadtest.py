@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 PHASES = ("peaks", "clicks", "soak", "sessions")
+#: The checkout holding this `fsa` package (fsa/demo/loadtest.py → two folders up), and its example images.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES_DIR = REPO_ROOT / "examples"
 MB = 2**20
 
 
@@ -104,7 +107,7 @@ def start_server(work: Path, args: argparse.Namespace) -> Server:
     port = _free_port()
     # The folder that holds this `fsa` package first on the server's path, so that it runs this very code;
     # OMP_WAIT_POLICY as app.py sets it (it must be in the environment before torch loads OpenMP).
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(REPO_ROOT)
     python_path = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), PYTHONPATH=python_path,
                FSA_MODEL=args.model, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
@@ -139,9 +142,8 @@ def make_images(folder: Path, big_side: int) -> dict[str, Path]:
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = None  # this process writes the huge files on purpose
-    examples = Path(__file__).resolve().parents[1] / "examples"
-    photo = Image.open(examples / "coffee.jpg").convert("RGB")
-    cat = Image.open(examples / "chelsea_cat.jpg").convert("RGB")
+    photo = Image.open(EXAMPLES_DIR / "coffee.jpg").convert("RGB")
+    cat = Image.open(EXAMPLES_DIR / "chelsea_cat.jpg").convert("RGB")
     paths = {"small": folder / "small_640x480.jpg", "medium": folder / "cat_2000x1500.jpg",
              "large": folder / "coffee_2000x1500.png", "big_jpeg": folder / f"big_{big_side}.jpg",
              "big_png": folder / f"big_{big_side}.png", "over": folder / "over_budget.png"}
