@@ -124,3 +124,15 @@ def test_loadtest_finds_the_example_images(tmp_path, monkeypatch):
     paths = loadtest.make_images(tmp_path, big_side=64)
     with Image.open(paths["medium"]) as medium, Image.open(paths["big_png"]) as big:
         assert medium.size == (2000, 1500) and big.size == (64, 64)
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists its packages by hand: a new sub-package (fsa/visualize/ became one) must be in it, or an
+    installed fsa lacks it."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    line = re.search(r"^packages = \[(.*)\]$", (root / "pyproject.toml").read_text(), re.M).group(1)
+    listed = {name.strip().strip('"') for name in line.split(",")}
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "fsa").rglob("__init__.py")}
+    assert found == listed
