@@ -349,6 +349,7 @@ def _head(model: nn.Module, trunk: Trunk, text_features: Tensor, prep: _Prepared
                     mixed = adapt_values(a_new, base.weights, base.values, feedback, cls_token=base.cls_token,
                                          a0_v=a0_v, upsampled=upsampled)
                     fsa_out = finish_last_block(last, x, mixed, residual=rule.residual, ffn=rule.ffn)
+                    del mixed
                 block_qk = {}
                 del mixing
             else:
