@@ -2,7 +2,14 @@
 phone, the HTML legends, the clicked point's markers, and the helpers the page's events call to bring their
 results into view (`fsaReveal`, `fsaScroll`), to mark the clicked point (`fsaMarkers`), to name Gradio's
 clickable picture frames and to move the chosen patch with the arrow keys. `page.build_demo` puts them into
-the page itself, so that every way of launching it gets them."""
+the page itself, so that every way of launching it gets them. Also where the example pictures are (the page's
+examples, the load test's photos)."""
+from pathlib import Path
+
+#: The checkout holding this `fsa` package (fsa/demo/assets.py → two folders up) and its example pictures, in
+#: the repository's examples/ folder (sources and licences in examples/SOURCES.md).
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES_DIR = REPO_ROOT / "examples"
 
 #: The page's style: results beside the inputs on a wide screen; on a phone the results right under the
 #: buttons (the inputs column dissolves into the page's flow), settings and examples after them.

@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from .assets import EXAMPLES_DIR, REPO_ROOT
+
 PHASES = ("peaks", "clicks", "soak", "sessions")
-#: The checkout holding this `fsa` package (fsa/demo/loadtest.py → two folders up), and its example images.
-REPO_ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES_DIR = REPO_ROOT / "examples"
 MB = 2**20
 
 

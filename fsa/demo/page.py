@@ -11,7 +11,6 @@ FSA_SESSION_TTL, FSA_MAX_PIXELS, FSA_MAX_CLASSES, FSA_TEMP_TTL (see the README's
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Optional
 
 import gradio as gr
@@ -22,13 +21,11 @@ from .forms import (
 )
 from .guards import check_number_inputs, decoded_image_input, friendly_errors
 from .handlers import DEFAULT_PROXY, DemoApp, proxy_choices
-from .assets import CSS, JS
+from .assets import CSS, EXAMPLES_DIR, JS
 from .interactive import PageEvents
 from .server import launch_options, server_options
 from .views import HEATMAP_FORMAT, NO_STEPS_MESSAGE
 
-#: The example pictures ship beside the package, in the repository's examples/ folder.
-EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 #: (file, vocabulary, method) shown under the inputs; sources and licences in examples/SOURCES.md
 EXAMPLES: list[tuple[str, str, str]] = [
     ("astronaut.jpg", "astronaut; person, american flag; flag, spacecraft model, background", "clearclip"),
