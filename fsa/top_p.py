@@ -242,23 +242,24 @@ def _bin_keep(rows: Tensor, w: Tensor, top: Tensor, bottom: Tensor, p_th: float,
     # too many candidates to list: a bin of equal entries (a run of ties) is counted; a bin of many distinct
     # values (a band that missed, a dense stretch) is binned again over its own range
     many = torch.nonzero(heavy & ~failed)[:, 0]
+    # each tried as a run (equal to one of its candidates); on most of the block, the block itself (no row copies):
+    # then run_mask has a row for every row of the block, else one for each run
+    whole = 2 * many.numel() > r_count
     run = retry = many[:0]
     retry_top = retry_bottom = rows.new_empty(0)
     if many.numel():
-        # each tried as a run (equal to one of its candidates); on most of the block, the block itself (no copies)
-        whole = 2 * many.numel() > r_count
-        sub, c, ws_ = (rows, cand, w) if whole else (t.index_select(0, many) for t in (rows, cand, w))
+        sub, c, w_sub = (rows, cand, w) if whole else (t.index_select(0, many) for t in (rows, cand, w))
         at = c.view(torch.uint8).argmax(dim=1, keepdim=True)  # an entry of the bin
         pick = (lambda t: t) if whole else (lambda t: t[many])  # noqa: E731
-        done, is_run, run_mask = _run_keep(sub, sub.gather(1, at)[:, 0], ws_.gather(1, at)[:, 0].double(),
+        done, is_run, run_mask = _run_keep(sub, sub.gather(1, at)[:, 0], w_sub.gather(1, at)[:, 0].double(),
                                            pick(counts), pick(above), pick(limit), kappa)
-        del sub, c, ws_
+        del sub, c, w_sub
         if whole:
-            done, is_run, run_in_block = done[many], is_run[many], run_mask
+            done, is_run = done[many], is_run[many]
+        else:
+            run_mask = run_mask[is_run]
         run, retry = many[is_run], many[~is_run]
         failed[run] = ~done[is_run]  # a run whose cut is too close to p to decide
-        if not whole and run.numel():
-            run_mask = run_mask[is_run]
         if retry.numel():
             sub, c = rows.index_select(0, retry), cand.index_select(0, retry)
             retry_top = torch.where(c, sub, -math.inf).amax(dim=1)
@@ -272,7 +273,7 @@ def _bin_keep(rows: Tensor, w: Tensor, top: Tensor, bottom: Tensor, p_th: float,
         failed |= _list_keep(rows, w, cr, cc, above, limit, kappa, out)  # writes every row of out
     if run.numel() and whole:
         is_run_row = torch.zeros(r_count, dtype=torch.bool, device=device).index_fill_(0, run, True)
-        torch.where(is_run_row[:, None], run_in_block, out, out=out)
+        torch.where(is_run_row[:, None], run_mask, out, out=out)
     elif run.numel():
         out.index_copy_(0, run, run_mask)
     return torch.nonzero(failed)[:, 0], retry, retry_top, retry_bottom
